@@ -1,0 +1,118 @@
+"""Multiply-accumulate (MAC) counting from a function's jaxpr, by category.
+
+What is counted, per op (one MAC = one real multiply-add):
+
+* ``conv``: convolutions, ``output size x kernel size x input channels / groups``;
+* ``linear``: dense layers and other real matmuls (``dot_general``), ``output size x contraction``;
+* ``attention``: the two activation-by-activation matmuls of window attention (q.k and attn.v);
+* ``dtf_estimator``: the DTF filter estimator (a real matmul);
+* ``dtf_mixing``: the complex channel mixing, 4 real MACs per complex MAC;
+* ``dtf_fft``: ``rfft``/``irfft`` along time counted as the direct real DFT, ``2 n (n//2 + 1)``
+  real MACs per transform of length ``n`` in each direction;
+* ``dtf_elementwise``: the frame-wise correlation and aggregation (one MAC per product, ``K2 C``
+  per location each) and the complex modulation (4 per complex product). These are the
+  multiplies traced under :data:`dtf_jax.layers.dtf.COUNTED_SCOPE`.
+
+Normalisations, activations, softmax, pooling and additions are not counted (as in the usual
+counters). ``conventions`` gives the weight of each category in a total; ``'paper'`` is how the
+published GFLOPs were counted (see ``PAPER_CONVENTION_NOTE``).
+"""
+
+import collections
+from typing import Callable, Dict
+
+import jax
+import numpy as np
+from jax.extend import core as jex_core
+
+from dtf_jax.layers.dtf import COUNTED_SCOPE
+
+CATEGORIES = ('conv', 'linear', 'attention', 'dtf_estimator', 'dtf_mixing', 'dtf_fft',
+              'dtf_elementwise')
+
+# Weight of each category's MACs in a convention's total.
+CONVENTIONS = {
+    'ours': {c: 1.0 for c in CATEGORIES},
+    'paper': dict(conv=1.0, linear=1.0, attention=1.0, dtf_estimator=1.0, dtf_mixing=0.25,
+                  dtf_fft=0.0, dtf_elementwise=0.0),
+}
+PAPER_CONVENTION_NOTE = (
+    'convolutions and matmuls as here, but a complex multiply-add counted as 1 (not 4), and the '
+    'FFTs, correlation, aggregation and modulation not counted')
+
+
+def _size(aval) -> int:
+  return int(np.prod(aval.shape, dtype=np.int64))
+
+
+def _is_complex(aval) -> bool:
+  return np.issubdtype(aval.dtype, np.complexfloating)
+
+
+def _eqn_macs(eqn, scope: str):
+  """(category, MACs) of one jaxpr equation, or None if it is not counted."""
+  name = eqn.primitive.name
+  in_temporal = '/temporal' in scope
+  if name == 'conv_general_dilated':
+    out, rhs = eqn.outvars[0].aval, eqn.invars[1].aval
+    out_channels = rhs.shape[eqn.params['dimension_numbers'].rhs_spec[0]]
+    return 'conv', _size(out) * _size(rhs) // out_channels
+  if name == 'dot_general':
+    lhs, rhs = eqn.invars[0].aval, eqn.invars[1].aval
+    (lhs_contract, _), _ = eqn.params['dimension_numbers']
+    macs = _size(eqn.outvars[0].aval) * int(np.prod([lhs.shape[d] for d in lhs_contract]))
+    if in_temporal:
+      if _is_complex(lhs) or _is_complex(rhs):
+        factor = 4 if (_is_complex(lhs) and _is_complex(rhs)) else 2
+        return 'dtf_mixing', factor * macs
+      return 'dtf_estimator', macs
+    is_param_matmul = any(s in scope for s in ('/qkv', '/proj', '/mlp', '/head', '/reduction'))
+    if '/attn' in scope and not is_param_matmul:
+      return 'attention', macs
+    return 'linear', macs
+  if name == 'fft':
+    n = int(np.prod(eqn.params['fft_lengths']))
+    kind = str(eqn.params['fft_type'])
+    operand = eqn.invars[0].aval
+    if 'IRFFT' in kind:
+      transforms = _size(operand) // (n // 2 + 1)
+    elif 'RFFT' in kind:
+      transforms = _size(operand) // n
+    else:
+      transforms, n = _size(operand) // n, n  # complex FFT: 4 n^2 real MACs
+      return 'dtf_fft', 4 * n * n * transforms
+    return 'dtf_fft', 2 * n * (n // 2 + 1) * transforms
+  if name == 'mul' and COUNTED_SCOPE in scope:
+    a, b = eqn.invars[0].aval, eqn.invars[1].aval
+    factor = 4 if (_is_complex(a) and _is_complex(b)) else 2 if (
+        _is_complex(a) or _is_complex(b)) else 1
+    return 'dtf_elementwise', factor * _size(eqn.outvars[0].aval)
+  return None
+
+
+def _walk(jaxpr, scope: str, totals: Dict[str, int]):
+  for eqn in jaxpr.eqns:
+    eqn_scope = f'{scope}/{eqn.source_info.name_stack}'
+    counted = _eqn_macs(eqn, eqn_scope)
+    if counted:
+      totals[counted[0]] += counted[1]
+    for param in eqn.params.values():
+      for sub in (param if isinstance(param, (list, tuple)) else [param]):
+        if isinstance(sub, jex_core.ClosedJaxpr):
+          _walk(sub.jaxpr, eqn_scope, totals)
+        elif isinstance(sub, jex_core.Jaxpr):
+          _walk(sub, eqn_scope, totals)
+
+
+def count_macs(fn: Callable, *args) -> Dict[str, int]:
+  """MACs of ``fn(*args)`` by category (``args`` may be ``jax.ShapeDtypeStruct``s)."""
+  closed = jax.make_jaxpr(fn)(*args)
+  totals = collections.Counter({c: 0 for c in CATEGORIES})
+  _walk(closed.jaxpr, '', totals)
+  return dict(totals)
+
+
+def total_macs(macs: Dict[str, int], convention: str = 'ours') -> float:
+  """Weighted total of :func:`count_macs` output under ``convention``."""
+  weights = CONVENTIONS[convention]
+  return float(sum(weights[c] * macs.get(c, 0) for c in CATEGORIES))

@@ -1,0 +1,48 @@
+"""Batch normalisation with PyTorch semantics (what the official weights were trained with)."""
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+from jax import lax
+
+
+class BatchNorm(nn.Module):
+  """Batch norm over every axis but the last (channels), as ``torch.nn.BatchNorm{1,2,3}d``.
+
+  Differences from ``flax.linen.BatchNorm`` that matter for loading PyTorch weights:
+  ``momentum`` is the weight of the NEW batch statistic (0.1), and the running variance is updated
+  with the unbiased batch variance. Statistics are computed in float32 whatever the input dtype.
+  Under ``jax.jit`` with a batch-sharded input the means are over the global batch.
+
+  Input ``... C``, output the same shape and dtype. Variables: ``params/{scale,bias}`` (if
+  ``use_affine``) and ``batch_stats/{mean,var}``.
+  """
+  use_affine: bool = True
+  momentum: float = 0.1
+  epsilon: float = 1e-5
+  scale_init: Any = nn.initializers.ones
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    channels = x.shape[-1]
+    ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((channels,), jnp.float32))
+    ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((channels,), jnp.float32))
+    xf = x.astype(jnp.float32)
+    if train:
+      axes = tuple(range(x.ndim - 1))
+      mean = jnp.mean(xf, axis=axes)
+      var = jnp.mean(jnp.square(xf - mean), axis=axes)
+      if not self.is_initializing():
+        n = xf.size // channels
+        unbiased = var * (n / max(n - 1, 1))
+        ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * mean
+        ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * unbiased
+    else:
+      mean, var = ra_mean.value, ra_var.value
+    y = (xf - mean) * lax.rsqrt(var + self.epsilon)
+    if self.use_affine:
+      y = y * self.param('scale', self.scale_init, (channels,), jnp.float32)
+      y = y + self.param('bias', nn.initializers.zeros, (channels,), jnp.float32)
+    return y.astype(self.dtype or x.dtype)

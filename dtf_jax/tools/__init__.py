@@ -1,0 +1,1 @@
+"""Command-line tools: model_info, benchmark_model, convert_torch."""

@@ -1,0 +1,91 @@
+"""Prints a model's trainable parameters, GFLOPs per view, XLA compile time and peak memory.
+
+    python -m dtf_jax.tools.model_info --model dtf_r50 --clip-length 16 --size 256
+
+GFLOPs are multiply-accumulates (as the paper and the usual counters report them) of one view
+(batch 1), counted from the jaxpr by ``dtf_jax.flops`` (which documents what each op counts).
+``--convention ours`` counts every multiply-add of convolutions, matmuls, attention and the whole
+DTF path (a complex multiply-add = 4 real ones; FFTs as the direct real DFT). ``--convention paper``
+counts as the paper's table does (see ``dtf_jax.flops.PAPER_CONVENTION_NOTE``); both are printed,
+the chosen one first. Compile time and memory are for the jitted forward (``train=False``) at
+``--batch`` on the default JAX backend.
+"""
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+
+from dtf_jax import flops
+from dtf_jax.models import create_model, list_models
+
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--model', required=True, choices=list_models())
+  parser.add_argument('--clip-length', type=int, default=16, help='input frames T (default 16).')
+  parser.add_argument('--size', type=int, default=224, help='frame height = width (default 224).')
+  parser.add_argument('--num-classes', type=int, default=400, help='classifier outputs (400).')
+  parser.add_argument('--batch', type=int, default=1, help='batch for compile/memory (1).')
+  parser.add_argument('--convention', choices=sorted(flops.CONVENTIONS), default='ours',
+                      help='FLOP counting convention printed first (default ours).')
+  parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32',
+                      help='compute dtype of the compiled forward (default float32).')
+  parser.add_argument('--no-compile', action='store_true',
+                      help='skip compiling (parameters and GFLOPs only).')
+  return parser.parse_args(argv)
+
+
+def model_kwargs(name: str, size: int):
+  """Extra create_model arguments that a size implies (Swin is built for its image size)."""
+  return {'image_size': size} if 'swin' in name else {}
+
+
+def describe(args) -> dict:
+  """Computes the report as a dict (also used by tests)."""
+  model = create_model(args.model, num_classes=args.num_classes, clip_length=args.clip_length,
+                       dtype=jnp.dtype(args.dtype), **model_kwargs(args.model, args.size))
+  view = jax.ShapeDtypeStruct((1, args.clip_length, args.size, args.size, 3), jnp.float32)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), view)
+  report = {
+      'params': sum(x.size for x in jax.tree_util.tree_leaves(shapes['params'])),
+      'macs': flops.count_macs(lambda v, x: model.apply(v, x), shapes, view),
+  }
+  if not args.no_compile:
+    batch = jax.ShapeDtypeStruct((args.batch,) + view.shape[1:], jnp.float32)
+    forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    start = time.perf_counter()
+    compiled = forward.lower(shapes, batch).compile()
+    report['compile_s'] = time.perf_counter() - start
+    report['memory'] = compiled.memory_analysis()
+  return report
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  print(f'{args.model}: {args.clip_length} frames x {args.size}x{args.size}, '
+        f'{args.num_classes} classes, {args.dtype}')
+  report = describe(args)
+  print(f'trainable parameters: {report["params"]:,}')
+  for convention in [args.convention] + [c for c in flops.CONVENTIONS if c != args.convention]:
+    print(f'GFLOPs per view ({convention} convention): '
+          f'{flops.total_macs(report["macs"], convention) / 1e9:.2f}')
+  print('  MACs by category (G): ' + ', '.join(
+      f'{c} {m / 1e9:.3f}' for c, m in report['macs'].items() if m))
+  print(f'  paper convention: {flops.PAPER_CONVENTION_NOTE}')
+  if 'compile_s' in report:
+    mem = report['memory']
+    print(f'XLA compile time (forward, batch {args.batch}): {report["compile_s"]:.1f} s')
+    if mem is not None:
+      peak = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes - \
+          mem.alias_size_in_bytes
+      print(f'XLA memory (forward, batch {args.batch}, {jax.default_backend()}): '
+            f'peak {peak / 2**20:.1f} MiB = arguments {mem.argument_size_in_bytes / 2**20:.1f} + '
+            f'temporaries {mem.temp_size_in_bytes / 2**20:.1f} + output '
+            f'{mem.output_size_in_bytes / 2**20:.1f} MiB')
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,23 @@
+"""dtf-jax: Dynamic Temporal Filtering (ECCV 2022) in JAX/Flax."""
+
+import setuptools
+
+setuptools.setup(
+    name='dtf_jax',
+    version='0.1.0',
+    description='DTF-Net and DTF-Transformer for video recognition in JAX/Flax.',
+    packages=setuptools.find_packages(include=['dtf_jax', 'dtf_jax.*']),
+    python_requires='>=3.11',
+    install_requires=[
+        'jax==0.10.2',
+        'jaxlib==0.10.2',
+        'flax==0.12.8',
+        'optax==0.2.8',
+        'orbax-checkpoint==0.12.8',
+        'numpy==2.4.6',
+    ],
+    extras_require={
+        'torch': ['torch==2.13.0'],
+        'dev': ['pytest==9.2.0'],
+    },
+)
