@@ -6,7 +6,8 @@ What is counted, per op (one MAC = one real multiply-add):
 * ``linear``: dense layers and other real matmuls (``dot_general``), ``output size x contraction``;
 * ``attention``: the two activation-by-activation matmuls of window attention (q.k and attn.v);
 * ``dtf_estimator``: the DTF filter estimator (a real matmul);
-* ``dtf_mixing``: the complex channel mixing, 4 real MACs per complex MAC;
+* ``dtf_mixing``: the complex channel mixing, 4 real MACs per complex MAC (it runs as one real
+  matmul under :data:`dtf_jax.layers.dtf.MIXING_SCOPE`);
 * ``dtf_fft``: ``rfft``/``irfft`` along time counted as the direct real DFT, ``2 n (n//2 + 1)``
   real MACs per transform of length ``n`` in each direction;
 * ``dtf_elementwise``: the frame-wise correlation and aggregation (one MAC per product, ``K2 C``
@@ -25,7 +26,7 @@ import jax
 import numpy as np
 from jax.extend import core as jex_core
 
-from dtf_jax.layers.dtf import COUNTED_SCOPE
+from dtf_jax.layers.dtf import COUNTED_SCOPE, MIXING_SCOPE
 
 CATEGORIES = ('conv', 'linear', 'attention', 'dtf_estimator', 'dtf_mixing', 'dtf_fft',
               'dtf_elementwise')
@@ -61,6 +62,8 @@ def _eqn_macs(eqn, scope: str):
     lhs, rhs = eqn.invars[0].aval, eqn.invars[1].aval
     (lhs_contract, _), _ = eqn.params['dimension_numbers']
     macs = _size(eqn.outvars[0].aval) * int(np.prod([lhs.shape[d] for d in lhs_contract]))
+    if MIXING_SCOPE in scope:
+      return 'dtf_mixing', macs
     if in_temporal:
       if _is_complex(lhs) or _is_complex(rhs):
         factor = 4 if (_is_complex(lhs) and _is_complex(rhs)) else 2
@@ -90,18 +93,23 @@ def _eqn_macs(eqn, scope: str):
   return None
 
 
-def _walk(jaxpr, scope: str, totals: Dict[str, int]):
+def _walk(jaxpr, scope: str, totals: Dict[str, int], repeat: int = 1):
+  """Adds the MACs of ``jaxpr`` (run ``repeat`` times) to ``totals``; recurses into sub-jaxprs
+  (jit, custom_vjp, scan bodies times their length, ...)."""
   for eqn in jaxpr.eqns:
     eqn_scope = f'{scope}/{eqn.source_info.name_stack}'
     counted = _eqn_macs(eqn, eqn_scope)
     if counted:
-      totals[counted[0]] += counted[1]
-    for param in eqn.params.values():
+      totals[counted[0]] += repeat * counted[1]
+    inner = repeat * (eqn.params['length'] if eqn.primitive.name == 'scan' else 1)
+    for name, param in eqn.params.items():
+      if name in ('fwd_jaxpr_thunk', 'bwd', 'jvp_jaxpr_fun', 'jvp_jaxpr_thunk'):
+        continue  # derivative rules, not the forward computation
       for sub in (param if isinstance(param, (list, tuple)) else [param]):
         if isinstance(sub, jex_core.ClosedJaxpr):
-          _walk(sub.jaxpr, eqn_scope, totals)
+          _walk(sub.jaxpr, eqn_scope, totals, inner)
         elif isinstance(sub, jex_core.Jaxpr):
-          _walk(sub, eqn_scope, totals)
+          _walk(sub, eqn_scope, totals, inner)
 
 
 def count_macs(fn: Callable, *args) -> Dict[str, int]:

@@ -16,6 +16,7 @@ expansion factor. The semantics are those of the official implementation (see SP
 5. ``irfft`` back to time and a residual: ``out = x + irfft(...) + bias``.
 """
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -27,18 +28,98 @@ from dtf_jax.layers.norm import BatchNorm
 # Multiply-adds under this scope are elementwise ones that the FLOP counter should see
 # (see dtf_jax/tools/flops.py); plain elementwise ops elsewhere are not counted.
 COUNTED_SCOPE = 'counted_macs'
+# The complex channel mixing runs as a real matmul under this scope (counted as 'dtf_mixing').
+MIXING_SCOPE = 'complex_mixing'
 
 
-def _neighbour_slices(padded, kernel_size, height, width):
-  """Yields the ``K2`` shifted views ``B T H W C`` of a spatially padded ``B T H+K-1 W+K-1 C``."""
-  for i in range(kernel_size):
-    for j in range(kernel_size):
-      yield padded[:, :, i:i + height, j:j + width, :]
+# The K x K neighbourhood ops below are written as K2 shifted slices of one zero-padded tensor.
+# Neighbour k = (i, j) of location (h, w) is (h + i - K//2, w + j - K//2). Three primitives with
+# hand-written VJPs (each other's transposes) keep memory at O(1) copies of the feature map in
+# both passes; the K2 dot products run as a loop so that no K2-fold copy is ever live.
 
 
 def _pad_space(x, kernel_size):
   p = kernel_size // 2
   return jnp.pad(x, ((0, 0), (0, 0), (p, p), (p, p), (0, 0)))
+
+
+def _slice_neighbour(padded, k, kernel_size, shape):
+  i, j = k // kernel_size, k % kernel_size
+  return jax.lax.dynamic_slice(padded, (0, 0, i, j, 0), shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def neighbour_dots(a, x, kernel_size: int):
+  """``out[..., h, w, k] = sum_c a[..., h, w, c] * x[..., h+i-K//2, w+j-K//2, c]`` (zero padded).
+
+  ``a, x: B T H W C -> B T H W K2`` (float32 accumulation).
+  """
+  padded = _pad_space(x, kernel_size)
+
+  def one_neighbour(_, k):
+    n = _slice_neighbour(padded, k, kernel_size, x.shape)
+    with jax.named_scope(COUNTED_SCOPE):
+      return None, jnp.sum(a * n, axis=-1, dtype=jnp.promote_types(a.dtype, jnp.float32))
+
+  _, out = jax.lax.scan(one_neighbour, None, jnp.arange(kernel_size ** 2))
+  return jnp.moveaxis(out, 0, -1)
+
+
+def neighbour_sum(w, x, kernel_size: int):
+  """``out[..., h, w, c] = sum_k w[..., h, w, k] * x[..., h+i-K//2, w+j-K//2, c]``.
+
+  ``w: B T H W K2``, ``x: B T H W C -> B T H W C``.
+  """
+  return _neighbour_sum(w, x, kernel_size)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _neighbour_sum(w, x, kernel_size):
+  _, _, height, width, _ = x.shape
+  padded = _pad_space(x, kernel_size)
+  out = 0
+  with jax.named_scope(COUNTED_SCOPE):
+    for k in range(kernel_size ** 2):
+      i, j = k // kernel_size, k % kernel_size
+      out = out + w[..., k:k + 1] * padded[:, :, i:i + height, j:j + width, :]
+  return out.astype(x.dtype)
+
+
+def neighbour_scatter(w, g, kernel_size: int):
+  """Transpose of :func:`neighbour_sum` in ``x``: ``out[h', w'] = sum_k w_k g`` at ``(h', w') -
+  offset_k``.  ``w: B T H W K2``, ``g: B T H W C -> B T H W C``."""
+  _, _, height, width, _ = g.shape
+  last = kernel_size - 1
+  out = 0
+  for k in range(kernel_size ** 2):
+    i, j = k // kernel_size, k % kernel_size
+    shifted = _pad_space(w[..., k:k + 1] * g, kernel_size)
+    out = out + shifted[:, :, last - i:last - i + height, last - j:last - j + width, :]
+  return out.astype(g.dtype)
+
+
+def _dots_fwd(a, x, kernel_size):
+  return neighbour_dots(a, x, kernel_size), (a, x)
+
+
+def _dots_bwd(kernel_size, residuals, g):
+  a, x = residuals
+  g = g.astype(a.dtype)
+  return neighbour_sum(g, x, kernel_size), neighbour_scatter(g, a, kernel_size)
+
+
+def _sum_fwd(w, x, kernel_size):
+  return _neighbour_sum(w, x, kernel_size), (w, x)
+
+
+def _sum_bwd(kernel_size, residuals, g):
+  w, x = residuals
+  dw = neighbour_dots(g.astype(x.dtype), x, kernel_size).astype(w.dtype)
+  return dw, neighbour_scatter(w, g, kernel_size)
+
+
+neighbour_dots.defvjp(_dots_fwd, _dots_bwd)
+_neighbour_sum.defvjp(_sum_fwd, _sum_bwd)
 
 
 def frame_correlation(x, kernel_size: int):
@@ -47,29 +128,17 @@ def frame_correlation(x, kernel_size: int):
   ``out[b, t, h, w, i*K + j] = mean_c x[b, max(t-1, 0), h, w, c] * x[b, t, h+i-K//2, w+j-K//2, c]``
   with zeros outside the frame (the official fixed weights are ``1 / C``).
   """
-  _, _, height, width, channels = x.shape
   query = jnp.concatenate([x[:, :1], x[:, :-1]], axis=1)
-  padded = _pad_space(x, kernel_size)
-  with jax.named_scope(COUNTED_SCOPE):
-    corr = [jnp.sum(query * n, axis=-1, dtype=jnp.float32)
-            for n in _neighbour_slices(padded, kernel_size, height, width)]
-  return jnp.stack(corr, axis=-1) / channels
+  return neighbour_dots(query, x, kernel_size) / x.shape[-1]
 
 
 def frame_aggregation(x, attention, kernel_size: int):
   """Attention-weighted sum over each ``K x K`` neighbourhood.
 
-  ``x: B T H W C``, ``attention: B T H W K2`` -> ``B T H W C``. Uses ``K2`` shifted slices of one
-  padded tensor; no ``K2``-fold copy of the feature map is built.
+  ``x: B T H W C``, ``attention: B T H W K2`` -> ``B T H W C``. No ``K2``-fold copy of the
+  feature map is built (see :func:`neighbour_sum`).
   """
-  _, _, height, width, _ = x.shape
-  padded = _pad_space(x, kernel_size)
-  out = None
-  with jax.named_scope(COUNTED_SCOPE):
-    for k, n in enumerate(_neighbour_slices(padded, kernel_size, height, width)):
-      term = attention[..., k:k + 1] * n
-      out = term if out is None else out + term
-  return out
+  return neighbour_sum(attention.astype(x.dtype), x, kernel_size)
 
 
 def shift_to_previous_frame(x):
@@ -78,15 +147,28 @@ def shift_to_previous_frame(x):
 
 
 def expand_filter(g, channels: int, num_bins: int, group_factor: int):
-  """Expands the estimator output ``B H W (C*F*2/G)`` to the complex filter ``B F H W C``.
+  """Expands the estimator output ``B H W (C*F*2/G)`` to the filter ``B F H W C 2`` (real, imag).
 
   Each estimator channel is repeated ``G`` times in place (the official ordering), so
-  ``filter[b, f, h, w, c] = g[(c*2F + 2f) // G] + 1j * g[(c*2F + 2f + 1) // G]``.
+  ``filter[b, f, h, w, c, r] = g[b, h, w, (c*2F + 2f + r) // G]``.
   """
   b, h, w, _ = g.shape
   full = jnp.repeat(g, group_factor, axis=-1).reshape(b, h, w, channels, num_bins, 2)
-  full = jnp.transpose(full, (0, 4, 1, 2, 3, 5))
-  return jax.lax.complex(full[..., 0], full[..., 1])
+  return jnp.transpose(full, (0, 4, 1, 2, 3, 5))
+
+
+def complex_mixing(real, imag, kernel):
+  """Complex channel mixing ``(real + i imag) @ (kernel[0] + i kernel[1])`` as ONE real matmul.
+
+  ``real, imag: ... C_in``, ``kernel: 2 C_in C_out`` -> ``... 2 C_out`` (real, imag). The input
+  ``[real, imag]`` times ``[[Wr, Wi], [-Wi, Wr]]`` is 4 real multiply-adds per complex one.
+  """
+  wr, wi = kernel[0], kernel[1]
+  block = jnp.concatenate([jnp.concatenate([wr, wi], axis=1),
+                           jnp.concatenate([-wi, wr], axis=1)], axis=0)
+  with jax.named_scope(MIXING_SCOPE):
+    out = jnp.concatenate([real, imag], axis=-1) @ block
+  return out.reshape(out.shape[:-1] + (2, kernel.shape[-1]))
 
 
 class DTFBlock(nn.Module):
@@ -132,13 +214,14 @@ class DTFBlock(nn.Module):
          + jnp.einsum('bthwk,tko->bhwo', corr.astype(self.dtype), kernel[:, channels:]))
     filt = expand_filter(g.astype(jnp.float32), channels, bins, self.group_factor)
 
-    # 4. Modulation, complex channel mixing (weight [real|imag, C_in, C_out]), spectrum norm.
+    # 4. Complex modulation (real arithmetic), complex channel mixing (weight [real|imag, C_in,
+    # C_out]), batch norm of the spectrum with real and imaginary parts pooled.
+    s_re, s_im, f_re, f_im = spectrum.real, spectrum.imag, filt[..., 0], filt[..., 1]
     with jax.named_scope(COUNTED_SCOPE):
-      modulated = spectrum * filt
+      m_re, m_im = s_re * f_re - s_im * f_im, s_re * f_im + s_im * f_re
     mix = self.param('mix_kernel', nn.initializers.normal(0.02), (2, channels, channels),
                      jnp.float32)
-    mixed = jnp.einsum('bfhwc,cd->bfhwd', modulated, jax.lax.complex(mix[0], mix[1]))
-    parts = jnp.stack([mixed.real, mixed.imag], axis=-2)  # B F H W 2 C
+    parts = complex_mixing(m_re, m_im, mix)  # B F H W 2 C
     parts = BatchNorm(use_affine=False, dtype=jnp.float32, name='spectrum_norm')(parts, train)
     alpha = self.param('alpha', nn.initializers.zeros, (channels,), jnp.float32)
     scaled = jax.lax.complex(parts[..., 0, :] * alpha, parts[..., 1, :] * alpha)

@@ -1,0 +1,118 @@
+"""Times a model's jitted forward and forward+backward on the default JAX backend.
+
+    python -m dtf_jax.tools.benchmark_model --model dtf_r50 --clip-length 16 --size 224 \\
+        --batch 2 --compare c2d_r50
+
+Prints the compile times and, per clip, the median forward and forward+backward (training step
+gradients, ``train=True``, batch-norm statistics updated) wall times over ``--repeats`` runs after
+``--warmup`` runs. With ``--compare``, both models are timed in the same process with their runs
+interleaved, and the time ratios model / compare are printed.
+"""
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dtf_jax.models import create_model, list_models
+from dtf_jax.tools.model_info import model_kwargs
+
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--model', required=True, choices=list_models())
+  parser.add_argument('--compare', choices=list_models(), help='second model to time and compare.')
+  parser.add_argument('--clip-length', type=int, default=16, help='input frames T (default 16).')
+  parser.add_argument('--size', type=int, default=224, help='frame height = width (default 224).')
+  parser.add_argument('--batch', type=int, default=2, help='clips per call (default 2).')
+  parser.add_argument('--num-classes', type=int, default=400)
+  parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32',
+                      help='compute dtype (default float32).')
+  parser.add_argument('--warmup', type=int, default=2, help='untimed runs after compiling (2).')
+  parser.add_argument('--repeats', type=int, default=7, help='timed runs; the median is shown (7).')
+  parser.add_argument('--no-backward', action='store_true', help='time the forward only.')
+  return parser.parse_args(argv)
+
+
+class ModelTimer:
+  """Compiles one model's forward and forward+backward and times single calls."""
+
+  def __init__(self, name: str, args):
+    self.name = name
+    self.model = create_model(name, num_classes=args.num_classes, clip_length=args.clip_length,
+                              dtype=jnp.dtype(args.dtype), **model_kwargs(name, args.size))
+    rng = np.random.default_rng(0)
+    self.video = jnp.asarray(rng.standard_normal(
+        (args.batch, args.clip_length, args.size, args.size, 3), dtype=np.float32))
+    self.labels = jnp.asarray(rng.integers(0, args.num_classes, args.batch))
+    self.variables = jax.jit(self.model.init)(jax.random.PRNGKey(0), self.video[:1])
+    self.compile_s = {}
+    self.times = {'forward': []}
+    forward = jax.jit(lambda v, x: self.model.apply(v, x, train=False))
+    self.calls = {'forward': self._compile('forward', forward, self.variables, self.video)}
+    if not args.no_backward:
+      self.times['forward+backward'] = []
+      self.calls['forward+backward'] = self._compile(
+          'forward+backward', jax.jit(self._loss_grad), self.variables, self.video, self.labels)
+    self.args = {'forward': (self.variables, self.video),
+                 'forward+backward': (self.variables, self.video, self.labels)}
+
+  def _loss_grad(self, variables, video, labels):
+    def loss_fn(params):
+      logits, updates = self.model.apply(
+          {'params': params, 'batch_stats': variables.get('batch_stats', {})}, video, train=True,
+          mutable=['batch_stats'], rngs={'dropout': jax.random.PRNGKey(1)})
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+      return loss, updates
+    return jax.grad(loss_fn, has_aux=True)(variables['params'])
+
+  def _compile(self, what, fn, *args):
+    start = time.perf_counter()
+    compiled = fn.lower(*args).compile()
+    self.compile_s[what] = time.perf_counter() - start
+    return compiled
+
+  def run(self, what: str, record: bool):
+    start = time.perf_counter()
+    jax.block_until_ready(self.calls[what](*self.args[what]))
+    if record:
+      self.times[what].append(time.perf_counter() - start)
+
+  def median_per_clip(self, what: str, batch: int) -> float:
+    return statistics.median(self.times[what]) / batch
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  names = [args.model] + ([args.compare] if args.compare else [])
+  print(f'{", ".join(names)}: batch {args.batch} x {args.clip_length} frames x '
+        f'{args.size}x{args.size}, {args.dtype}, backend {jax.default_backend()} '
+        f'({jax.device_count()} device(s)); median of {args.repeats} after {args.warmup} warm-up')
+  timers = []
+  for name in names:
+    print(f'compiling {name} ...', flush=True)
+    timer = ModelTimer(name, args)
+    print('  compile time: ' + ', '.join(f'{w} {s:.1f} s' for w, s in timer.compile_s.items()),
+          flush=True)
+    timers.append(timer)
+  whats = list(timers[0].calls)
+  for what in whats:
+    for i in range(args.warmup + args.repeats):
+      for timer in timers:  # interleaved, so both see the same machine state
+        timer.run(what, record=i >= args.warmup)
+  for timer in timers:
+    print(f'{timer.name}: ' + ', '.join(
+        f'{w} {timer.median_per_clip(w, args.batch) * 1e3:.1f} ms/clip' for w in whats))
+  if args.compare:
+    for what in whats:
+      ratio = timers[0].median_per_clip(what, 1) / timers[1].median_per_clip(what, 1)
+      print(f'time ratio {args.model} / {args.compare} ({what}): {ratio:.3f}')
+
+
+if __name__ == '__main__':
+  main()
