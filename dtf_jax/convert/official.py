@@ -136,6 +136,59 @@ def _transform(kind: str, value: np.ndarray, shape) -> np.ndarray:
   raise KeyError(kind)
 
 
+def _official_shape(kind: str, shape) -> Tuple[int, ...]:
+  """The official (PyTorch) shape that becomes ``shape`` under transform ``kind``."""
+  shape = tuple(shape)
+  if kind == 'conv':
+    return (shape[-1], shape[-2]) + shape[:-2]
+  if kind == 'dense':
+    return shape[::-1]
+  if kind == 'complex_mix':
+    return (shape[2], shape[1], shape[0])
+  if kind == 'filter':
+    return (shape[2], shape[1] * shape[0], 1, 1)
+  if kind == 'flatten':
+    return (1, shape[0], 1, 1, 1)
+  return shape
+
+
+_LEAF_NAMES = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean',
+               'var': 'running_var', 'relative_position_bias_table': 'relative_position_bias_table'}
+_DTF_NAMES = {f'{c}/{name}': leaf for leaf, (c, name, _) in _DTF_TENSORS.items()}
+
+
+def _official_leaf(collection: str, path: str, dtf_name: str) -> Tuple[str, str]:
+  """(official module path with our names, official tensor name) of one of our variables."""
+  if '/temporal/' in path:
+    module, rest = path.split('/temporal/')
+    return f'{module}.{dtf_name}', _DTF_NAMES[f'{collection}/{rest}']
+  module, _, leaf = path.rpartition('/')
+  return module.replace('/', '.'), _LEAF_NAMES.get(leaf, leaf)
+
+
+def _official_resnet_name(collection: str, path: str) -> str:
+  """Official C2D/DTF-ResNet key of one of our variables (inverse of :func:`_rename_resnet`)."""
+  module, leaf = _official_leaf(collection, path, 'dtf_blk')
+  for pattern, repl in ((r'^stem_conv', 'conv1'), (r'^stem_bn', 'bn1'), (r'^head', 'fc'),
+                        (r'^stage(\d+)_block(\d+)', r'layer\1.\2'),
+                        (r'downsample_conv', 'downsample.0'), (r'downsample_bn', 'downsample.1')):
+    module = re.sub(pattern, repl, module)
+  return f'{module}.{leaf}'
+
+
+def _official_swin_name(collection: str, path: str) -> str:
+  """Official C2D/DTF-Swin key of one of our variables (inverse of :func:`_rename_swin`)."""
+  module, leaf = _official_leaf(collection, path, 'dtf_block')
+  module = re.sub(r'^stage(\d+)_block(\d+)',
+                  lambda m: f'layers.{int(m.group(1)) - 1}.blocks.{m.group(2)}', module)
+  module = re.sub(r'^stage(\d+)_merge', lambda m: f'layers.{int(m.group(1)) - 1}.downsample',
+                  module)
+  for pattern, repl in ((r'mlp_fc(\d)', r'mlp.fc\1'), (r'^patch_embed', 'patch_embed.proj'),
+                        (r'^head', 'fc')):
+    module = re.sub(pattern, repl, module)
+  return f'{module}.{leaf}'
+
+
 def _flatten(tree) -> Dict[str, Any]:
   return {'/'.join(k): v for k, v in flax.traverse_util.flatten_dict(tree).items()}
 
@@ -231,16 +284,20 @@ def convert_official_state_dict(model_name: str, state_dict: Mapping[str, Any], 
       continue
     collection, path, transform = target
     shape = expected[collection][path].shape
-    value = _transform(transform, value, shape)
-    if value.shape != shape:
-      mismatched.append(f'{key}: {tuple(value.shape)} after layout change, model expects '
-                        f'{tuple(shape)} at {collection}/{path}')
+    converted = _transform(transform, value, shape)
+    if converted.shape != shape:
+      mismatched.append(f'{key}: shape {tuple(value.shape)}, the model needs '
+                        f'{_official_shape(transform, shape)} (for {collection}/{path} '
+                        f'{tuple(shape)})')
+      out[collection][path] = None  # reported as mis-shaped, not as missing
       continue
-    out[collection][path] = jnp.asarray(value, jnp.float32)
+    # A copy: the result must not share memory with the (mutable) torch tensors.
+    out[collection][path] = jnp.array(converted, jnp.float32, copy=True)
     report.used.append(key)
 
-  missing = [f'{c}/{p} {tuple(s.shape)}' for c in expected for p, s in expected[c].items()
-             if p not in out[c]]
+  official_name = _official_swin_name if is_swin else _official_resnet_name
+  missing = [f'{official_name(c, p)} (for {c}/{p} {tuple(s.shape)})'
+             for c in expected for p, s in expected[c].items() if p not in out[c]]
   problems = []
   for title, items in (('missing (the model needs them, the state dict lacks them)', missing),
                        ('unexpected (no place in the model)', unexpected),
@@ -251,6 +308,7 @@ def convert_official_state_dict(model_name: str, state_dict: Mapping[str, Any], 
     raise ConversionError(f'Cannot load the state dict into {model_name} (clip_length='
                           f'{clip_length}, num_classes={num_classes}, {kwargs}):\n'
                           + '\n'.join(problems))
+  out = {c: {p: v for p, v in out[c].items() if v is not None} for c in out}
   variables = {c: flax.traverse_util.unflatten_dict(
       {tuple(p.split('/')): v for p, v in out[c].items()}) for c in out}
   return (variables, report) if return_report else variables
