@@ -75,16 +75,13 @@ def _eqn_macs(eqn, scope: str):
     return 'linear', macs
   if name == 'fft':
     n = int(np.prod(eqn.params['fft_lengths']))
-    kind = str(eqn.params['fft_type'])
+    kind = eqn.params['fft_type']
     operand = eqn.invars[0].aval
-    if 'IRFFT' in kind:
-      transforms = _size(operand) // (n // 2 + 1)
-    elif 'RFFT' in kind:
-      transforms = _size(operand) // n
-    else:
-      transforms, n = _size(operand) // n, n  # complex FFT: 4 n^2 real MACs
-      return 'dtf_fft', 4 * n * n * transforms
-    return 'dtf_fft', 2 * n * (n // 2 + 1) * transforms
+    if kind == jax.lax.FftType.IRFFT:
+      return 'dtf_fft', 2 * n * (n // 2 + 1) * (_size(operand) // (n // 2 + 1))
+    if kind == jax.lax.FftType.RFFT:
+      return 'dtf_fft', 2 * n * (n // 2 + 1) * (_size(operand) // n)
+    return 'dtf_fft', 4 * n * n * (_size(operand) // n)  # complex DFT
   if name == 'mul' and COUNTED_SCOPE in scope:
     a, b = eqn.invars[0].aval, eqn.invars[1].aval
     factor = 4 if (_is_complex(a) and _is_complex(b)) else 2 if (

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dtf_jax.layers.temporal import make_temporal
-from dtf_jax.models.common import DropPath, check_video
+from dtf_jax.models.common import DropPath, check_video, reshape_keep_batch
 
 dense_init = nn.initializers.truncated_normal(0.02)
 
@@ -44,28 +44,30 @@ def shifted_window_mask(resolution: int, window: int, shift: int) -> np.ndarray:
     for ws in bounds:
       region[hs, ws] = label
       label += 1
-  windows = window_partition(region[None, :, :, None], window).reshape(-1, window * window)
+  windows = window_partition(region[None, :, :, None], window)[0, :, :, 0]
   return np.where(windows[:, None, :] != windows[:, :, None], -100.0, 0.0).astype(np.float32)
 
 
 def window_partition(x, window: int):
-  """``N H W C -> (N * num_windows) w w C`` (row-major over windows)."""
+  """``N H W C -> N nW w*w C`` (windows row-major). The batch axis is never merged, so a
+  batch-sharded input stays sharded the same way."""
   n, h, w, c = x.shape
-  x = x.reshape(n, h // window, window, w // window, window, c)
-  return x.transpose(0, 1, 3, 2, 4, 5).reshape(-1, window, window, c)
+  x = reshape_keep_batch(x, (n, h // window, window, w // window, window, c))
+  return reshape_keep_batch(x.transpose(0, 1, 3, 2, 4, 5),
+                            (n, (h // window) * (w // window), window * window, c))
 
 
 def window_reverse(windows, window: int, h: int, w: int):
-  """Inverse of :func:`window_partition`: ``(N * num_windows) w w C -> N H W C``."""
-  c = windows.shape[-1]
-  x = windows.reshape(-1, h // window, w // window, window, window, c)
-  return x.transpose(0, 1, 3, 2, 4, 5).reshape(-1, h, w, c)
+  """Inverse of :func:`window_partition`: ``N nW w*w C -> N H W C``."""
+  n, _, _, c = windows.shape
+  x = reshape_keep_batch(windows, (n, h // window, w // window, window, window, c))
+  return reshape_keep_batch(x.transpose(0, 1, 3, 2, 4, 5), (n, h, w, c))
 
 
 class WindowAttention(nn.Module):
   """Multi-head self-attention inside windows with a relative position bias.
 
-  ``(N*nW) L C -> (N*nW) L C`` with ``L = window**2``; ``mask`` is ``(nW, L, L)`` or None.
+  ``N nW L C -> N nW L C`` with ``L = window**2``; ``mask`` is ``(nW, L, L)`` or None.
   """
   num_heads: int
   window: int
@@ -73,23 +75,21 @@ class WindowAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask: Optional[np.ndarray]):
-    n, length, dim = x.shape
+    n, nw, length, dim = x.shape
     head_dim = dim // self.num_heads
     qkv = nn.Dense(3 * dim, dtype=self.dtype, kernel_init=dense_init, name='qkv')(x)
-    qkv = qkv.reshape(n, length, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
-    q, k, v = qkv[0] * head_dim ** -0.5, qkv[1], qkv[2]
-    logits = jnp.einsum('nhqd,nhkd->nhqk', q, k).astype(jnp.float32)
+    qkv = reshape_keep_batch(qkv, (n, nw, length, 3, self.num_heads, head_dim))
+    q, k, v = qkv[:, :, :, 0] * head_dim ** -0.5, qkv[:, :, :, 1], qkv[:, :, :, 2]
+    logits = jnp.einsum('nwqhd,nwkhd->nwhqk', q, k).astype(jnp.float32)
 
     table = self.param('relative_position_bias_table', dense_init,
                        ((2 * self.window - 1) ** 2, self.num_heads), jnp.float32)
     bias = table[relative_position_index(self.window).reshape(-1)]
-    logits = logits + bias.reshape(length, length, self.num_heads).transpose(2, 0, 1)[None]
+    logits = logits + bias.reshape(length, length, self.num_heads).transpose(2, 0, 1)
     if mask is not None:
-      nw = mask.shape[0]
-      logits = logits.reshape(n // nw, nw, self.num_heads, length, length) + mask[None, :, None]
-      logits = logits.reshape(n, self.num_heads, length, length)
+      logits = logits + mask[:, None]
     attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.einsum('nhqk,nhkd->nqhd', attn, v).reshape(n, length, dim)
+    out = reshape_keep_batch(jnp.einsum('nwhqk,nwkhd->nwqhd', attn, v), (n, nw, length, dim))
     return nn.Dense(dim, dtype=self.dtype, kernel_init=dense_init, name='proj')(out)
 
 
@@ -118,9 +118,9 @@ class SwinBlock(nn.Module):
     if self.shift:
       y = jnp.roll(y, (-self.shift, -self.shift), axis=(1, 2))
       mask = shifted_window_mask(h, self.window, self.shift)
-    windows = window_partition(y, self.window).reshape(-1, self.window ** 2, dim)
+    windows = window_partition(y, self.window)
     windows = WindowAttention(self.num_heads, self.window, self.dtype, name='attn')(windows, mask)
-    y = window_reverse(windows.reshape(-1, self.window, self.window, dim), self.window, h, w)
+    y = window_reverse(windows, self.window, h, w)
     if self.shift:
       y = jnp.roll(y, (self.shift, self.shift), axis=(1, 2))
     x = x + drop_path(y, train)

@@ -1,0 +1,374 @@
+"""FLOP counter against analytic formulas and the published GFLOPs; model_info and benchmark_model
+CLIs; pretrained save / load round trip.
+
+FLOP counts trace the full-size models with ``jax.eval_shape`` parameters and ``ShapeDtypeStruct``
+inputs (nothing is compiled). The CLI and checkpoint tests use small inputs / tiny models.
+"""
+
+import os
+import re
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dtf_jax import flops
+from dtf_jax.models import create_model
+from dtf_jax.pretrained import load_pretrained, save_pretrained
+from dtf_jax.tools import benchmark_model, model_info
+
+R50 = (3, 4, 6, 3)
+
+
+# --------------------------------------------------------------------------------------------
+# Analytic MAC formulas (B = 1)
+# --------------------------------------------------------------------------------------------
+
+def resnet_blocks(frames, size, stages=R50, width=64, early_stride=4):
+  """(stage, T, planes, input channels, input res, output res, stride) of every bottleneck."""
+  steps = frames // early_stride
+  res = size // 2 // 2  # stem stride 2, max-pool stride 2
+  cin = width
+  for s, n in enumerate(stages):
+    planes = width * 2 ** s
+    for b in range(n):
+      stride = 2 if (s > 0 and b == 0) else 1
+      yield s + 1, steps, planes, cin, res, res // stride, stride
+      cin, res = planes * 4, res // stride
+
+
+def c2d_resnet_conv_macs(frames, size, stages=R50, width=64, early_stride=4):
+  """MACs of every convolution of a C2D ResNet (v1.5) at ``frames x size x size``."""
+  steps = frames // early_stride
+  stem_res = size // 2
+  # Stem: [early_stride, 7, 7] kernel on 3 channels, per output position and output channel.
+  macs = steps * stem_res * stem_res * width * (3 * early_stride * 7 * 7)
+  for _, t, planes, cin, res_in, res_out, stride in resnet_blocks(frames, size, stages, width,
+                                                               early_stride):
+    macs += t * res_in ** 2 * cin * planes            # conv1 1x1 (stride 1, input resolution)
+    macs += t * res_out ** 2 * planes * planes * 9    # conv2 3x3, stride on this conv (v1.5)
+    macs += t * res_out ** 2 * planes * planes * 4    # conv3 1x1 -> 4 * planes
+    if stride != 1 or cin != planes * 4:
+      macs += t * res_out ** 2 * cin * planes * 4     # projection shortcut 1x1 (strided)
+  return macs
+
+
+def dtf_resnet_macs(frames, size, stages=R50, width=64, kernel=3, group=16,
+                    dtf_stages=(1, 2, 3, 4)):
+  """Per-category MACs of the DTF blocks (after conv2: C = planes at the conv2 output res)."""
+  k2 = kernel * kernel
+  out = dict(dtf_estimator=0, dtf_mixing=0, dtf_elementwise=0, dtf_fft=0)
+  for stage, t_steps, c, _, _, res, _ in resnet_blocks(frames, size, stages, width):
+    if stage not in dtf_stages:
+      continue
+    big_t, bins, hw = t_steps, t_steps // 2 + 1, res * res
+    out['dtf_estimator'] += hw * (c + k2) * big_t * (c * bins * 2 // group)
+    out['dtf_mixing'] += 4 * c * c * bins * hw
+    out['dtf_elementwise'] += 2 * k2 * c * big_t * hw + 4 * c * bins * hw
+    out['dtf_fft'] += 2 * (2 * big_t * bins * c * hw)
+  return out
+
+
+def count(name, frames, size, num_classes=400, **kwargs):
+  model = create_model(name, num_classes=num_classes, clip_length=frames, **kwargs)
+  view = jax.ShapeDtypeStruct((1, frames, size, size, 3), jnp.float32)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), view)
+  return flops.count_macs(lambda v, x: model.apply(v, x), shapes, view)
+
+
+# --------------------------------------------------------------------------------------------
+# FLOP counter
+# --------------------------------------------------------------------------------------------
+
+def test_c2d_r50_macs_match_analytic_and_paper():
+  macs = count('c2d_r50', 16, 256)
+  assert macs['conv'] == c2d_resnet_conv_macs(16, 256)
+  assert macs['linear'] == 2048 * 400
+  for c in flops.CATEGORIES:
+    if c not in ('conv', 'linear'):
+      assert macs[c] == 0, c
+  paper = flops.total_macs(macs, 'paper') / 1e9
+  assert abs(paper - 23) / 23 < 0.05, paper
+  assert flops.total_macs(macs, 'ours') == flops.total_macs(macs, 'paper')
+
+
+def test_c2d_r101_conv_macs_match_analytic():
+  assert count('c2d_r101', 16, 256)['conv'] == c2d_resnet_conv_macs(16, 256, (3, 4, 23, 3))
+
+
+def test_dtf_r50_macs_match_analytic():
+  macs = count('dtf_r50', 16, 256)
+  assert macs['conv'] == c2d_resnet_conv_macs(16, 256)  # DTF adds no convolution
+  assert macs['linear'] == 2048 * 400
+  assert macs['attention'] == 0
+  expected = dtf_resnet_macs(16, 256)
+  for category in ('dtf_estimator', 'dtf_mixing', 'dtf_elementwise'):
+    assert macs[category] == expected[category], (category, macs[category], expected[category])
+  # Conventions: 'ours' counts everything once; 'paper' a complex MAC as 1 and no FFT/elementwise.
+  assert flops.total_macs(macs, 'ours') == sum(macs.values())
+  paper = macs['conv'] + macs['linear'] + macs['dtf_estimator'] + macs['dtf_mixing'] / 4
+  assert flops.total_macs(macs, 'paper') == pytest.approx(paper, rel=1e-12)
+  assert abs(paper / 1e9 - 25) / 25 < 0.05, paper / 1e9
+
+
+
+
+def test_dtf_r50_fft_macs_match_analytic():
+  assert count('dtf_r50', 16, 256)['dtf_fft'] == dtf_resnet_macs(16, 256)['dtf_fft']
+
+
+def test_fft_macs_direct_real_dft():
+  x = jax.ShapeDtypeStruct((2, 8, 5), jnp.float32)  # 10 transforms of length 8 along axis 1
+  macs = flops.count_macs(lambda a: jnp.fft.rfft(a, axis=1), x)
+  assert macs['dtf_fft'] == 10 * 2 * 8 * 5
+  y = jax.ShapeDtypeStruct((2, 5, 5), jnp.complex64)  # 10 inverse transforms to length 8
+  macs = flops.count_macs(lambda a: jnp.fft.irfft(a, n=8, axis=1), y)
+  assert macs['dtf_fft'] == 10 * 2 * 8 * 5
+
+
+def test_dtf_r50_stage4_only_and_32_frames_macs():
+  macs = count('dtf_r50', 16, 256, dtf_stages=(4,))
+  expected = dtf_resnet_macs(16, 256, dtf_stages=(4,))
+  for category in ('dtf_estimator', 'dtf_mixing', 'dtf_elementwise'):
+    assert macs[category] == expected[category], category
+  # Stage 4 alone: 3 blocks, C = 512 at 8x8, T' = 4, F = 3.
+  assert expected['dtf_mixing'] == 3 * 4 * 512 * 512 * 3 * 8 * 8
+  macs = count('dtf_r50', 32, 256)
+  expected = dtf_resnet_macs(32, 256)
+  for category in ('dtf_estimator', 'dtf_mixing', 'dtf_elementwise'):
+    assert macs[category] == expected[category], category
+
+
+def swin_macs(frames, size, embed_dim, depths, window=7, patch=4, early_stride=4, mlp_ratio=4,
+              num_classes=400):
+  """conv / linear / attention MACs of a C2D Swin (B = 1)."""
+  steps = frames // early_stride
+  res = size // patch
+  dim = embed_dim
+  out = dict(conv=steps * res * res * dim * (3 * early_stride * patch * patch), linear=0,
+             attention=0)
+  for s, depth in enumerate(depths):
+    tokens = steps * res * res
+    win = min(window, res)
+    # qkv (3 d^2) + proj (d^2) + mlp (2 * ratio * d^2) per token; q.k and attn.v per token.
+    out['linear'] += depth * tokens * (4 + 2 * mlp_ratio) * dim * dim
+    out['attention'] += depth * 2 * tokens * win * win * dim
+    if s < len(depths) - 1:
+      out['linear'] += steps * (res // 2) ** 2 * (4 * dim) * (2 * dim)  # patch merging
+      res, dim = res // 2, dim * 2
+  out['linear'] += steps * dim * num_classes  # per-step classifier
+  return out
+
+
+def test_c2d_swin_b_macs_match_analytic():
+  macs = count('c2d_swin_b', 64, 224)
+  expected = swin_macs(64, 224, 128, (2, 2, 18, 2))
+  for category, value in expected.items():
+    assert macs[category] == value, (category, macs[category], value)
+
+
+def test_dtf_swin_b_paper_gflops():
+  macs = count('dtf_swin_b', 64, 224)
+  paper = flops.total_macs(macs, 'paper') / 1e9
+  assert abs(paper - 266) / 266 < 0.05, paper
+  # The backbone part is the C2D one; DTF adds the estimator, mixing, FFT and elementwise terms.
+  expected = swin_macs(64, 224, 128, (2, 2, 18, 2))
+  assert macs['conv'] == expected['conv'] and macs['attention'] == expected['attention']
+  assert macs['linear'] == expected['linear']
+  for c in ('dtf_estimator', 'dtf_mixing', 'dtf_fft', 'dtf_elementwise'):
+    assert macs[c] > 0
+  # DTF on Swin-B: 13 blocks; mixing = 4 C^2 F h w per block over T' = 16 steps (F = 9 bins).
+  res_dims = [(56, 128)] + [(28, 256)] + [(14, 512)] * 9 + [(7, 1024)] * 2
+  assert macs['dtf_mixing'] == sum(4 * c * c * 9 * r * r for r, c in res_dims)
+
+
+# --------------------------------------------------------------------------------------------
+# model_info
+# --------------------------------------------------------------------------------------------
+
+def _line(out, prefix):
+  lines = [l for l in out.splitlines() if l.strip().startswith(prefix)]
+  assert lines, f'no line starting with {prefix!r} in:\n{out}'
+  return lines[0]
+
+
+def test_model_info_no_compile(capsys):
+  model_info.main(['--model', 'c2d_r50', '--clip-length', '4', '--size', '64',
+                   '--num-classes', '10', '--no-compile'])
+  out = capsys.readouterr().out
+  assert 'c2d_r50: 4 frames x 64x64, 10 classes, float32' in out
+  # 400 -> 10 classes removes 390 x (2048 + 1) head parameters.
+  assert _line(out, 'trainable parameters:') == \
+      f'trainable parameters: {24_355_856 - 390 * 2049:,}'
+  gflops = (c2d_resnet_conv_macs(4, 64) + 2048 * 10) / 1e9
+  assert _line(out, 'GFLOPs per view (ours convention):').endswith(f': {gflops:.2f}')
+  assert _line(out, 'GFLOPs per view (paper convention):').endswith(f': {gflops:.2f}')
+  assert f'conv {c2d_resnet_conv_macs(4, 64) / 1e9:.3f}' in _line(out, 'MACs by category')
+  assert 'XLA compile time' not in out and 'XLA memory' not in out
+
+
+def test_model_info_paper_convention_first_for_dtf(capsys):
+  model_info.main(['--model', 'dtf_r50', '--clip-length', '8', '--size', '64',
+                   '--num-classes', '10', '--convention', 'paper', '--no-compile'])
+  out = capsys.readouterr().out
+  lines = [l for l in out.splitlines() if l.startswith('GFLOPs per view')]
+  assert [l.split('(')[1].split(' ')[0] for l in lines] == ['paper', 'ours']
+  values = [float(l.rsplit(':', 1)[1]) for l in lines]
+  assert values[0] < values[1]  # paper counts the DTF path partly
+  assert 'dtf_mixing' in _line(out, 'MACs by category')
+
+
+def test_model_info_compile_reports_time_and_memory(capsys):
+  model_info.main(['--model', 'c2d_r50', '--clip-length', '4', '--size', '32',
+                   '--num-classes', '10'])
+  out = capsys.readouterr().out
+  compile_line = _line(out, 'XLA compile time (forward, batch 1):')
+  assert float(re.search(r': ([\d.]+) s', compile_line).group(1)) > 0
+  mem_line = _line(out, 'XLA memory (forward, batch 1,')
+  match = re.search(r'peak ([\d.]+) MiB = arguments ([\d.]+) \+ temporaries ([\d.]+) \+ output '
+                    r'([\d.]+) MiB', mem_line)
+  assert match, mem_line
+  peak, arguments, temporaries, output = map(float, match.groups())
+  params = 24_355_856 - 390 * 2049
+  assert arguments >= params * 4 / 2 ** 20 - 0.1  # float32 parameters are arguments
+  assert peak >= arguments
+  assert peak == pytest.approx(arguments + temporaries + output, abs=0.2)
+
+
+# --------------------------------------------------------------------------------------------
+# benchmark_model (CLI smoke test on tiny models)
+# --------------------------------------------------------------------------------------------
+
+def test_benchmark_model_compare_cli(monkeypatch, capsys):
+  """main() with --compare on tiny ResNets (create_model patched to add tiny-size kwargs).
+
+  The real sizes are too slow for a unit test on CPU (dtf_r50 vs c2d_r50 at 4 frames x 32 px takes
+  about two minutes, mostly compiling); this checks the CLI flow, not timings. The ``rbg`` PRNG
+  (faster to compile on CPU than threefry) is the default during the run.
+  """
+  calls, timers = [], []
+
+  def tiny_create_model(name, **kwargs):
+    calls.append((name, dict(kwargs)))
+    return create_model(name, width=8, stage_sizes=(1, 1, 1, 1), dtf_stages=(4,), **kwargs)
+
+  class RecordingTimer(benchmark_model.ModelTimer):
+    def __init__(self, *args, **kwargs):
+      super().__init__(*args, **kwargs)
+      timers.append(self)
+
+  monkeypatch.setattr(benchmark_model, 'create_model', tiny_create_model)
+  monkeypatch.setattr(benchmark_model, 'ModelTimer', RecordingTimer)
+  with jax.default_prng_impl('rbg'):
+    benchmark_model.main(['--model', 'dtf_r50', '--compare', 'c2d_r50', '--clip-length', '8',
+                          '--size', '32', '--batch', '2', '--num-classes', '10', '--repeats', '1',
+                          '--warmup', '0'])
+  out = capsys.readouterr().out
+  assert [c[0] for c in calls] == ['dtf_r50', 'c2d_r50']
+  for _, kwargs in calls:
+    assert kwargs['num_classes'] == 10 and kwargs['clip_length'] == 8
+    assert jnp.dtype(kwargs['dtype']) == jnp.float32
+  assert 'batch 2 x 8 frames x 32x32, float32' in out
+  assert out.count('compile time: forward') == 2
+  for name in ('dtf_r50', 'c2d_r50'):
+    line = _line(out, f'{name}: forward')
+    assert re.fullmatch(rf'{name}: forward [\d.]+ ms/clip, forward\+backward [\d.]+ ms/clip', line)
+  for what in ('forward', 'forward+backward'):
+    line = _line(out, f'time ratio dtf_r50 / c2d_r50 ({what}):')
+    assert float(line.rsplit(':', 1)[1]) > 0
+
+  # One timed run per measurement; the forward+backward call gives a gradient for every
+  # parameter (the DTF ones included) and new batch statistics.
+  dtf_timer = timers[0]
+  assert all(len(t) == 1 for timer in timers for t in timer.times.values())
+  grads, updates = dtf_timer.calls['forward+backward'](*dtf_timer.args['forward+backward'])
+  params = dtf_timer.variables['params']
+  assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(params)
+  zero = [jax.tree_util.keystr(p) for p, g in jax.tree_util.tree_flatten_with_path(grads)[0]
+          if not np.any(np.asarray(g))]
+  # alpha = 0 at init blocks the gradient of the spectral branch's parameters (and only those).
+  assert all('temporal' in p and 'alpha' not in p for p in zero), zero
+  assert np.any(np.asarray(grads['stage4_block0']['temporal']['alpha']))
+  assert set(updates) == {'batch_stats'}
+
+
+# --------------------------------------------------------------------------------------------
+# pretrained
+# --------------------------------------------------------------------------------------------
+
+TINY_DTF = dict(num_classes=10, clip_length=8, width=8, stage_sizes=(1, 1, 1, 1), dtf_stages=(4,),
+                dtype=jnp.float32)
+
+
+def _random_variables(model, shape, seed):
+  """Variables of ``model`` with random values (DTF alpha nonzero), without running init."""
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                          jax.ShapeDtypeStruct(shape, jnp.float32))
+  rng = np.random.default_rng(seed)
+  out = {}
+  for col, tree in shapes.items():
+    flat = flax.traverse_util.flatten_dict(tree)
+    for path, leaf in flat.items():
+      if path[-1] == 'var':
+        value = rng.uniform(0.5, 2.0, leaf.shape)
+      elif path[-1] == 'scale':
+        value = 1 + 0.1 * rng.standard_normal(leaf.shape)
+      else:
+        fan_in = int(np.prod(leaf.shape[:-1])) or 1
+        value = rng.standard_normal(leaf.shape) / np.sqrt(fan_in)
+      flat[path] = jnp.asarray(value, jnp.float32)
+    out[col] = flax.traverse_util.unflatten_dict(flat)
+  return out
+
+
+def test_pretrained_round_trip(tmp_path):
+  model = create_model('dtf_r50', **TINY_DTF)
+  shape = (2, 8, 32, 32, 3)
+  variables = _random_variables(model, shape, 0)
+  video = jnp.asarray(np.random.default_rng(1).standard_normal(shape), jnp.float32)
+  forward = jax.jit(lambda m, v, x: m.apply(v, x, train=False), static_argnums=0)
+  expected = forward(model, variables, video)
+
+  path = save_pretrained(str(tmp_path / 'ckpt'), 'dtf_r50', TINY_DTF, variables)
+  assert os.path.isabs(path) and os.path.exists(os.path.join(path, 'meta.json'))
+  assert not os.path.exists(os.path.join(path, 'meta.json.tmp'))
+
+  loaded_model, loaded = load_pretrained(path)
+  assert type(loaded_model) is type(model)
+  for field in ('num_classes', 'clip_length', 'width', 'stage_sizes', 'dtf_stages', 'temporal'):
+    assert getattr(loaded_model, field) == getattr(model, field), field
+  assert jnp.dtype(loaded_model.dtype) == jnp.float32
+  assert jax.tree_util.tree_structure(loaded) == jax.tree_util.tree_structure(variables)
+  for a, b in zip(jax.tree_util.tree_leaves(loaded), jax.tree_util.tree_leaves(variables)):
+    assert a.dtype == b.dtype
+    np.testing.assert_array_equal(a, b)
+  got = forward(loaded_model, loaded, video)  # (dtype comes back from JSON as 'float32')
+  np.testing.assert_array_equal(got, expected)
+
+  # Overrides replace arguments that keep the parameter shapes.
+  override_model, _ = load_pretrained(path, dropout_rate=0.1)
+  assert override_model.dropout_rate == 0.1 and override_model.width == 8
+
+
+def test_pretrained_refuses_to_overwrite(tmp_path):
+  model = create_model('dtf_r50', **TINY_DTF)
+  first = _random_variables(model, (1, 8, 32, 32, 3), 0)
+  second = _random_variables(model, (1, 8, 32, 32, 3), 1)
+  directory = str(tmp_path / 'ckpt')
+  save_pretrained(directory, 'dtf_r50', TINY_DTF, first)
+  with pytest.raises(FileExistsError, match='overwrite'):
+    save_pretrained(directory, 'dtf_r50', TINY_DTF, second)
+  _, kept = load_pretrained(directory)
+  np.testing.assert_array_equal(kept['params']['head']['kernel'], first['params']['head']['kernel'])
+  save_pretrained(directory, 'dtf_r50', TINY_DTF, second, overwrite=True)
+  _, replaced = load_pretrained(directory)
+  np.testing.assert_array_equal(replaced['params']['head']['kernel'],
+                                second['params']['head']['kernel'])
+
+
+def test_load_pretrained_without_meta(tmp_path):
+  (tmp_path / 'variables').mkdir()
+  with pytest.raises(FileNotFoundError, match=r'meta\.json'):
+    load_pretrained(str(tmp_path))
