@@ -9,7 +9,8 @@ What is counted, per op (one MAC = one real multiply-add):
 * ``dtf_mixing``: the complex channel mixing, 4 real MACs per complex MAC (it runs as one real
   matmul under :data:`dtf_jax.layers.dtf.MIXING_SCOPE`);
 * ``dtf_fft``: ``rfft``/``irfft`` along time counted as the direct real DFT, ``2 n (n//2 + 1)``
-  real MACs per transform of length ``n`` in each direction;
+  real MACs per transform of length ``n`` in each direction (which is how
+  ``dtf_jax.layers.spectral`` computes them; an XLA ``fft`` op is counted the same way);
 * ``dtf_elementwise``: the frame-wise correlation and aggregation (one MAC per product, ``K2 C``
   per location each) and the complex modulation (4 per complex product). These are the
   multiplies traced under :data:`dtf_jax.layers.dtf.COUNTED_SCOPE`.
@@ -27,6 +28,7 @@ import numpy as np
 from jax.extend import core as jex_core
 
 from dtf_jax.layers.dtf import COUNTED_SCOPE, MIXING_SCOPE
+from dtf_jax.layers.spectral import DFT_SCOPE
 
 CATEGORIES = ('conv', 'linear', 'attention', 'dtf_estimator', 'dtf_mixing', 'dtf_fft',
               'dtf_elementwise')
@@ -82,6 +84,8 @@ def _eqn_macs(eqn, scope: str):
     if kind == jax.lax.FftType.RFFT:
       return 'dtf_fft', 2 * n * (n // 2 + 1) * (_size(operand) // n)
     return 'dtf_fft', 4 * n * n * (_size(operand) // n)  # complex DFT
+  if name == 'mul' and DFT_SCOPE in scope:
+    return 'dtf_fft', _size(eqn.outvars[0].aval)
   if name == 'mul' and COUNTED_SCOPE in scope:
     a, b = eqn.invars[0].aval, eqn.invars[1].aval
     factor = 4 if (_is_complex(a) and _is_complex(b)) else 2 if (

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from dtf_jax.layers.norm import BatchNorm
+from dtf_jax.layers.spectral import irfft_time, rfft_time
 
 # Multiply-adds under this scope are elementwise ones that the FLOP counter should see
 # (see dtf_jax/tools/flops.py); plain elementwise ops elsewhere are not counted.
@@ -86,15 +87,18 @@ def _neighbour_sum(w, x, kernel_size):
 
 
 def neighbour_scatter(w, g, kernel_size: int):
-  """Transpose of :func:`neighbour_sum` in ``x``: ``out[h', w'] = sum_k w_k g`` at ``(h', w') -
-  offset_k``.  ``w: B T H W K2``, ``g: B T H W C -> B T H W C``."""
+  """Transpose of :func:`neighbour_sum` in ``x``: each ``w_k g`` is added back at the location
+  of neighbour ``k``: ``out[h', w'] = sum_k (w_k g)[h' - i + K//2, w' - j + K//2]``.
+
+  ``w: B T H W K2``, ``g: B T H W C -> B T H W C``.
+  """
   _, _, height, width, _ = g.shape
-  last = kernel_size - 1
+  w_padded, g_padded = _pad_space(w, kernel_size), _pad_space(g, kernel_size)
   out = 0
   for k in range(kernel_size ** 2):
-    i, j = k // kernel_size, k % kernel_size
-    shifted = _pad_space(w[..., k:k + 1] * g, kernel_size)
-    out = out + shifted[:, :, last - i:last - i + height, last - j:last - j + width, :]
+    a, b = kernel_size - 1 - k // kernel_size, kernel_size - 1 - k % kernel_size
+    out = out + (w_padded[:, :, a:a + height, b:b + width, k:k + 1]
+                 * g_padded[:, :, a:a + height, b:b + width, :])
   return out.astype(g.dtype)
 
 
@@ -202,7 +206,7 @@ class DTFBlock(nn.Module):
     aggregated = x + shift_to_previous_frame(frame_aggregation(x, attention, self.kernel_size))
 
     # 2. Spectrum along time.
-    spectrum = jnp.fft.rfft(aggregated.astype(jnp.float32), axis=1, norm='ortho')
+    s_re, s_im = rfft_time(aggregated)  # float32
 
     # 3. Filter estimator: 1x1 conv over (time x [features, correlation]).
     kernel = self.param(
@@ -216,7 +220,7 @@ class DTFBlock(nn.Module):
 
     # 4. Complex modulation (real arithmetic), complex channel mixing (weight [real|imag, C_in,
     # C_out]), batch norm of the spectrum with real and imaginary parts pooled.
-    s_re, s_im, f_re, f_im = spectrum.real, spectrum.imag, filt[..., 0], filt[..., 1]
+    f_re, f_im = filt[..., 0], filt[..., 1]
     with jax.named_scope(COUNTED_SCOPE):
       m_re, m_im = s_re * f_re - s_im * f_im, s_re * f_im + s_im * f_re
     mix = self.param('mix_kernel', nn.initializers.normal(0.02), (2, channels, channels),
@@ -224,9 +228,8 @@ class DTFBlock(nn.Module):
     parts = complex_mixing(m_re, m_im, mix)  # B F H W 2 C
     parts = BatchNorm(use_affine=False, dtype=jnp.float32, name='spectrum_norm')(parts, train)
     alpha = self.param('alpha', nn.initializers.zeros, (channels,), jnp.float32)
-    scaled = jax.lax.complex(parts[..., 0, :] * alpha, parts[..., 1, :] * alpha)
 
     # 5. Back to time, residual.
-    out = jnp.fft.irfft(scaled, n=time, axis=1, norm='ortho')
+    out = irfft_time(parts[..., 0, :] * alpha, parts[..., 1, :] * alpha, time)
     bias = self.param('bias', nn.initializers.zeros, (channels,), jnp.float32)
     return (x.astype(jnp.float32) + out + bias).astype(self.dtype)
