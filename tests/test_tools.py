@@ -207,6 +207,17 @@ def test_model_info_no_compile(capsys):
   assert _line(out, 'GFLOPs per view (paper convention):').endswith(f': {gflops:.2f}')
   assert f'conv {c2d_resnet_conv_macs(4, 64) / 1e9:.3f}' in _line(out, 'MACs by category')
   assert 'XLA compile time' not in out and 'XLA memory' not in out
+  assert 'fixed weights_cor' not in out  # C2D has no DTF block
+
+
+@pytest.mark.parametrize('name,frames,official', [('dtf_r50', 16, 28_951_472),
+                                                   ('dtf_r50', 64, 50_668_304),
+                                                   ('dtf_r101', 64, 93_283_088)])
+def test_model_info_official_parameter_totals(capsys, name, frames, official):
+  """Trainable parameters + the fixed weights_cor equal the official nn.Parameter counts."""
+  model_info.main(['--model', name, '--clip-length', str(frames), '--size', '64', '--no-compile'])
+  out = capsys.readouterr().out
+  assert _line(out, '+ fixed weights_cor').endswith(f': {official:,}')
 
 
 def test_model_info_paper_convention_first_for_dtf(capsys):

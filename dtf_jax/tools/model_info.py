@@ -14,6 +14,7 @@ the chosen one first. Compile time and memory are for the jitted forward (``trai
 import argparse
 import time
 
+import flax
 import jax
 import jax.numpy as jnp
 
@@ -43,6 +44,17 @@ def model_kwargs(name: str, size: int):
   return {'image_size': size} if 'swin' in name else {}
 
 
+def fixed_correlation_weights(params) -> int:
+  """Entries of the official models' fixed ``weights_cor`` (``C x T x K2`` per DTF block), which
+  PyTorch counts as parameters although they are constant (1/C); dtf_jax does not store them."""
+  total, flat = 0, flax.traverse_util.flatten_dict(params)
+  for path, leaf in flat.items():
+    if path[-1] == 'filter_kernel':
+      time, channels = leaf.shape[0], flat[path[:-1] + ('mix_kernel',)].shape[1]
+      total += channels * time * (leaf.shape[1] - channels)
+  return total
+
+
 def describe(args) -> dict:
   """Computes the report as a dict (also used by tests)."""
   model = create_model(args.model, num_classes=args.num_classes, clip_length=args.clip_length,
@@ -51,6 +63,7 @@ def describe(args) -> dict:
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), view)
   report = {
       'params': sum(x.size for x in jax.tree_util.tree_leaves(shapes['params'])),
+      'fixed_correlation_weights': fixed_correlation_weights(shapes['params']),
       'macs': flops.count_macs(lambda v, x: model.apply(v, x), shapes, view),
   }
   if not args.no_compile:
@@ -69,6 +82,9 @@ def main(argv=None):
         f'{args.num_classes} classes, {args.dtype}')
   report = describe(args)
   print(f'trainable parameters: {report["params"]:,}')
+  if report['fixed_correlation_weights']:
+    print(f'  + fixed weights_cor (counted as parameters by the official PyTorch models): '
+          f'{report["params"] + report["fixed_correlation_weights"]:,}')
   for convention in [args.convention] + [c for c in flops.CONVENTIONS if c != args.convention]:
     print(f'GFLOPs per view ({convention} convention): '
           f'{flops.total_macs(report["macs"], convention) / 1e9:.2f}')
