@@ -8,7 +8,7 @@ expansion factor. The semantics are those of the official implementation (see SP
    neighbourhood in the same frame, using frame ``max(t - 1, 0)`` as the query; softmax over the
    neighbourhood; attention-weighted aggregation; the aggregate of frame ``t + 1`` is added to frame
    ``t`` (the last frame gets nothing);
-2. ``rfft`` along time (orthonormal, float32);
+2. ``rfft`` along time (orthonormal, float32; a direct DFT, see ``spectral.py``);
 3. a grouped 1x1 filter estimator on ``[features, correlation]`` with time folded into channels,
    expanded ``G``-fold in place to a complex filter per channel, bin and location;
 4. complex modulation, complex channel mixing, batch norm of the spectrum (real and imaginary
@@ -27,16 +27,17 @@ from dtf_jax.layers.norm import BatchNorm
 from dtf_jax.layers.spectral import irfft_time, rfft_time
 
 # Multiply-adds under this scope are elementwise ones that the FLOP counter should see
-# (see dtf_jax/tools/flops.py); plain elementwise ops elsewhere are not counted.
+# (see dtf_jax/flops.py); plain elementwise ops elsewhere are not counted.
 COUNTED_SCOPE = 'counted_macs'
 # The complex channel mixing runs as a real matmul under this scope (counted as 'dtf_mixing').
 MIXING_SCOPE = 'complex_mixing'
 
 
 # The K x K neighbourhood ops below are written as K2 shifted slices of one zero-padded tensor.
-# Neighbour k = (i, j) of location (h, w) is (h + i - K//2, w + j - K//2). Three primitives with
-# hand-written VJPs (each other's transposes) keep memory at O(1) copies of the feature map in
-# both passes; the K2 dot products run as a loop so that no K2-fold copy is ever live.
+# Neighbour k = (i, j) of location (h, w) is (h + i - K//2, w + j - K//2). The two primitives,
+# neighbour_dots and neighbour_sum, have hand-written VJPs built from each other and from
+# neighbour_scatter, so both passes hold O(1) copies of the feature map; the K2 dot products run
+# as a loop so that no K2-fold copy is ever live.
 
 
 def _pad_space(x, kernel_size):
@@ -66,16 +67,12 @@ def neighbour_dots(a, x, kernel_size: int):
   return jnp.moveaxis(out, 0, -1)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def neighbour_sum(w, x, kernel_size: int):
   """``out[..., h, w, c] = sum_k w[..., h, w, k] * x[..., h+i-K//2, w+j-K//2, c]``.
 
   ``w: B T H W K2``, ``x: B T H W C -> B T H W C``.
   """
-  return _neighbour_sum(w, x, kernel_size)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _neighbour_sum(w, x, kernel_size):
   _, _, height, width, _ = x.shape
   padded = _pad_space(x, kernel_size)
   out = 0
@@ -113,7 +110,7 @@ def _dots_bwd(kernel_size, residuals, g):
 
 
 def _sum_fwd(w, x, kernel_size):
-  return _neighbour_sum(w, x, kernel_size), (w, x)
+  return neighbour_sum(w, x, kernel_size), (w, x)
 
 
 def _sum_bwd(kernel_size, residuals, g):
@@ -123,7 +120,7 @@ def _sum_bwd(kernel_size, residuals, g):
 
 
 neighbour_dots.defvjp(_dots_fwd, _dots_bwd)
-_neighbour_sum.defvjp(_sum_fwd, _sum_bwd)
+neighbour_sum.defvjp(_sum_fwd, _sum_bwd)
 
 
 def frame_correlation(x, kernel_size: int):
@@ -181,7 +178,7 @@ class DTFBlock(nn.Module):
   Attributes:
     kernel_size: ``K`` of the frame-wise aggregation window.
     group_factor: ``G``; ``C * (T//2 + 1) * 2`` must be divisible by it.
-    dtype: compute dtype of the spatial part; the spectral part (FFTs, modulation, mixing, norm)
+    dtype: compute dtype of the spatial part; the spectral part (DFTs, modulation, mixing, norm)
       always runs in float32.
   """
   kernel_size: int = 3
@@ -190,7 +187,7 @@ class DTFBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    batch, time, height, width, channels = x.shape
+    _, time, _, _, channels = x.shape
     k2 = self.kernel_size ** 2
     bins = time // 2 + 1
     if (channels * bins * 2) % self.group_factor:
