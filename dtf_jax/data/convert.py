@@ -1,0 +1,632 @@
+"""Converts a video dataset into sharded DMVR-style ``tf.train.SequenceExample`` TFRecords.
+
+    python -m dtf_jax.data.convert kinetics --csv train.csv --csv validate.csv \\
+        --videos K400/videos --output OUT
+    python -m dtf_jax.data.convert ssv2 --annotations SSV2/labels --videos SSV2/videos --output OUT
+    python -m dtf_jax.data.convert ssv1 --labels something-something-v1-labels.csv \\
+        --split train=something-something-v1-train.csv \\
+        --split validation=something-something-v1-validation.csv --videos SSV1/frames --output OUT
+    python -m dtf_jax.data.convert list --split train=train.txt --root VIDEOS \\
+        [--class-names classes.txt] --output OUT
+
+Inputs:
+  kinetics  CSVs ``label,youtube_id,time_start,time_end,split`` (no ``label`` column: label -1; no
+            ``split`` column: the file name's stem); videos ``{youtube_id}_{start:06d}_{end:06d}.*``
+            anywhere under ``--videos`` (class sub-folders are fine). Classes: sorted label names.
+  ssv2      ``--annotations`` holds ``labels.json`` (template -> index) and ``train.json``,
+            ``validation.json`` [, ``test.json``] (lists of ``{id, template, ...}``; ``[``/``]`` of
+            templates are stripped); videos ``{id}.webm``.
+  ssv1      ``;``-separated CSVs ``id;label`` (only ``id`` for test), a category list (one name per
+            line, index = line), frame folders ``{videos}/{id}/*.jpg`` at ``--folder-fps`` (12).
+  list      lines ``relative/path label_index`` (a path may be a frame folder); optional class names
+            file (one per line); without it the class names are the indices.
+
+Output in ``--output``: ``{split}-00000-of-000NN.tfrecord`` (records as in ``SCHEMA``),
+``label_map.json`` (class name -> index), ``{split}-manifest.json`` (videos written, frames, skipped
+videos with reasons, shards, settings) and ``.convert/`` (per-shard bookkeeping for resuming).
+
+Every video of a split goes to a shard fixed by its id (``sha1(seed:id)`` order, cut into equal
+contiguous runs), a shard is written to ``NAME.tmp`` and renamed when complete, and JPEG encoding is
+deterministic: a run that is killed and started again with the same arguments skips the finished
+shards and ends with byte-identical files. Videos that cannot be decoded (missing, empty, corrupt,
+truncated, no video stream) or have fewer than ``--min-frames`` frames are skipped and listed.
+"""
+
+import argparse
+import concurrent.futures
+import csv
+import dataclasses
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import re
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+# Records: one tf.train.SequenceExample per video. key -> (part, type, meaning).
+SCHEMA = {
+    'image/encoded': ('feature_list', 'bytes', 'one JPEG per frame, RGB, H x W'),
+    'clip/label/index': ('context', 'int64', 'class index; -1 when unlabelled (test sets)'),
+    'clip/label/text': ('context', 'bytes', 'class name (utf-8); empty when unlabelled'),
+    'video/filename': ('context', 'bytes', 'video path relative to the input root (or its id)'),
+    'video/id': ('context', 'bytes', 'annotation id: youtube_id_start_end, SSv1/v2 id, or path'),
+    'video/fps': ('context', 'float', 'frame rate of the stored frames'),
+    'video/source_fps': ('context', 'float', 'frame rate of the source video'),
+    'video/num_frames': ('context', 'int64', 'number of stored frames N'),
+    'image/height': ('context', 'int64', 'frame height H'),
+    'image/width': ('context', 'int64', 'frame width W'),
+    'image/format': ('context', 'bytes', "b'JPEG'"),
+}
+FORMATS = ('kinetics', 'ssv2', 'ssv1', 'list')
+STATE_DIR = '.convert'
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoItem:
+  """One video to convert: ``id`` (fixes its shard), file or frame folder, label."""
+  id: str
+  path: str
+  filename: str
+  label_index: int
+  label_text: str
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodeOptions:
+  """What decides the content of the records (part of the resume check)."""
+  short_side: int = 320
+  fps: Optional[float] = None
+  jpeg_quality: int = 90
+  min_frames: int = 1
+  folder_fps: float = 12.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Annotation readers: -> (class names, {split: [VideoItem]}).
+
+
+def _index_videos(videos_dir: str) -> Dict[str, str]:
+  """File stem -> path relative to ``videos_dir`` (first in sorted order; ``.mp4`` preferred)."""
+  found = {}
+  for root, dirs, files in os.walk(videos_dir, followlinks=True):
+    dirs.sort()
+    for name in sorted(files):
+      stem, ext = os.path.splitext(name)
+      if ext.lower() in ('.tmp', '.part', '.json', '.txt', '.csv'):
+        continue
+      rel = os.path.relpath(os.path.join(root, name), videos_dir)
+      if stem not in found or (ext.lower() == '.mp4' and not found[stem].lower().endswith('.mp4')):
+        found[stem] = rel
+  return found
+
+
+def _dedupe(items: List[VideoItem]) -> List[VideoItem]:
+  seen, out = set(), []
+  for item in items:
+    if item.id not in seen:
+      seen.add(item.id)
+      out.append(item)
+  return out
+
+
+def read_kinetics(csv_paths: Sequence[str], videos_dir: str,
+                  class_names: Optional[Sequence[str]] = None):
+  """Kinetics CSVs -> ``(classes, {split: items})``; classes sorted by name unless given."""
+  rows = []
+  for path in csv_paths:
+    with open(path, newline='', encoding='utf-8') as f:
+      for row in csv.DictReader(f):
+        split = (row.get('split') or '').strip() or os.path.splitext(os.path.basename(path))[0]
+        rows.append((split, (row.get('label') or '').strip(), row['youtube_id'].strip(),
+                     int(float(row['time_start'])), int(float(row['time_end']))))
+  if class_names is None:
+    class_names = sorted({label for _, label, *_ in rows if label})
+  index = {name: i for i, name in enumerate(class_names)}
+  files = _index_videos(videos_dir)
+  splits = {}
+  for split, label, youtube_id, start, end in rows:
+    vid = f'{youtube_id}_{start:06d}_{end:06d}'
+    if label and label not in index:
+      raise ValueError(f'Kinetics label {label!r} of {vid} is not in the class list')
+    rel = files.get(vid, vid + '.mp4')
+    splits.setdefault(split, []).append(VideoItem(
+        vid, os.path.join(videos_dir, rel), rel, index[label] if label else -1, label))
+  return list(class_names), {k: _dedupe(v) for k, v in splits.items()}
+
+
+def _strip_template(template: str) -> str:
+  return template.replace('[', '').replace(']', '')
+
+
+def read_ssv2(annotations_dir: str, videos_dir: str, splits: Optional[Sequence[str]] = None):
+  """Something-Something V2 -> ``(classes, {split: items})``, classes ordered by ``labels.json``."""
+  with open(os.path.join(annotations_dir, 'labels.json'), encoding='utf-8') as f:
+    labels = {_strip_template(k): int(v) for k, v in json.load(f).items()}
+  classes = sorted(labels, key=labels.get)
+  if [labels[c] for c in classes] != list(range(len(classes))):
+    raise ValueError('labels.json: indices are not 0..C-1')
+  if splits is None:
+    splits = [s for s in ('train', 'validation', 'test')
+              if os.path.exists(os.path.join(annotations_dir, f'{s}.json'))]
+  out = {}
+  for split in splits:
+    with open(os.path.join(annotations_dir, f'{split}.json'), encoding='utf-8') as f:
+      entries = json.load(f)
+    items = []
+    for entry in entries:
+      vid = str(entry['id'])
+      label = _strip_template(entry['template']) if entry.get('template') else ''
+      if label and label not in labels:
+        raise ValueError(f'SSv2 template {label!r} of video {vid} is not in labels.json')
+      items.append(VideoItem(vid, os.path.join(videos_dir, f'{vid}.webm'), f'{vid}.webm',
+                             labels[label] if label else -1, label))
+    out[split] = _dedupe(items)
+  return classes, out
+
+
+def _read_names(path: str) -> List[str]:
+  with open(path, encoding='utf-8') as f:
+    return [line.strip() for line in f if line.strip()]
+
+
+def read_ssv1(labels_path: str, split_csvs: Dict[str, str], videos_dir: str):
+  """Something-Something V1 -> ``(classes, {split: items})``; class index = line of the list."""
+  classes = _read_names(labels_path)
+  index = {name: i for i, name in enumerate(classes)}
+  out = {}
+  for split, path in split_csvs.items():
+    items = []
+    with open(path, encoding='utf-8') as f:
+      for line in f:
+        if not line.strip():
+          continue
+        vid, _, label = line.strip().partition(';')
+        if label and label not in index:
+          raise ValueError(f'SSv1 label {label!r} of video {vid} is not in {labels_path}')
+        items.append(VideoItem(vid, os.path.join(videos_dir, vid), vid,
+                               index[label] if label else -1, label))
+    out[split] = _dedupe(items)
+  return classes, out
+
+
+def read_list(split_lists: Dict[str, str], root: str, class_names_path: Optional[str] = None):
+  """Generic ``relative/path label_index`` lists -> ``(classes, {split: items})``."""
+  out, max_label = {}, -1
+  for split, path in split_lists.items():
+    items = []
+    with open(path, encoding='utf-8') as f:
+      for lineno, line in enumerate(f, 1):
+        line = line.strip()
+        if not line or line.startswith('#'):
+          continue
+        parts = line.rsplit(maxsplit=1)
+        if len(parts) != 2 or not parts[1].lstrip('-').isdigit():
+          raise ValueError(f'{path}:{lineno}: expected "relative/path label_index", got {line!r}')
+        rel, label = parts[0], int(parts[1])
+        max_label = max(max_label, label)
+        items.append((rel, label))
+    out[split] = items
+  classes = (_read_names(class_names_path) if class_names_path
+             else [str(i) for i in range(max_label + 1)])
+  if max_label >= len(classes):
+    raise ValueError(f'label index {max_label} but only {len(classes)} class names')
+  return classes, {
+      split: _dedupe([VideoItem(rel, os.path.join(root, rel), rel, label,
+                                classes[label] if label >= 0 else '') for rel, label in items])
+      for split, items in out.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding and shards.
+
+
+def _tf():
+  os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')  # only the converter's own processes get here
+  from dtf_jax.data import tf  # pylint: disable=import-outside-toplevel
+  return tf
+
+
+def encode_video(item: VideoItem, opts: EncodeOptions, threads: int = 0) -> Tuple[bytes, int]:
+  """One video -> ``(serialized SequenceExample, num_frames)``. Raises ``VideoDecodeError``."""
+  from dtf_jax.data.video import (  # pylint: disable=import-outside-toplevel
+      VideoDecodeError, iter_frames)
+  tf = _tf()
+  info = {}
+  jpegs, shape = [], None
+  for frame in iter_frames(item.path, opts.short_side or None, opts.fps, threads, opts.folder_fps,
+                           info):
+    shape = frame.shape
+    jpegs.append(tf.io.encode_jpeg(frame, quality=opts.jpeg_quality).numpy())
+  if len(jpegs) < max(opts.min_frames, 1):
+    raise VideoDecodeError('too_few_frames' if jpegs else 'no_frames',
+                           f'{len(jpegs)} < --min-frames {opts.min_frames}')
+  seq = tf.train.SequenceExample()
+  ctx = seq.context.feature
+  ctx['clip/label/index'].int64_list.value.append(item.label_index)
+  ctx['clip/label/text'].bytes_list.value.append(item.label_text.encode())
+  ctx['video/filename'].bytes_list.value.append(item.filename.encode())
+  ctx['video/id'].bytes_list.value.append(item.id.encode())
+  ctx['video/fps'].float_list.value.append(info['fps'])
+  ctx['video/source_fps'].float_list.value.append(info['source_fps'])
+  ctx['video/num_frames'].int64_list.value.append(len(jpegs))
+  ctx['image/height'].int64_list.value.append(shape[0])
+  ctx['image/width'].int64_list.value.append(shape[1])
+  ctx['image/format'].bytes_list.value.append(b'JPEG')
+  frames = seq.feature_lists.feature_list['image/encoded'].feature
+  for jpeg in jpegs:
+    frames.add().bytes_list.value.append(jpeg)
+  return seq.SerializeToString(deterministic=True), len(jpegs)
+
+
+def assign_shards(items: Sequence[VideoItem], num_shards: int, seed: int = 0):
+  """Deterministic shards: items ordered by ``sha1(f'{seed}:{id}')``, cut into contiguous runs."""
+  order = sorted(items, key=lambda it: (hashlib.sha1(f'{seed}:{it.id}'.encode()).hexdigest(),
+                                        it.id))
+  n = len(order)
+  return [order[i * n // num_shards:(i + 1) * n // num_shards] for i in range(num_shards)]
+
+
+def shard_name(split: str, index: int, num_shards: int) -> str:
+  return f'{split}-{index:05d}-of-{num_shards:05d}.tfrecord'
+
+
+def _write_json(path: str, obj) -> None:
+  tmp = path + '.tmp'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    json.dump(obj, f, indent=1, ensure_ascii=False)
+    f.write('\n')
+  os.replace(tmp, path)
+
+
+def write_shard(path: str, state_path: str, items: Sequence[VideoItem], opts: EncodeOptions,
+                threads: int = 0, progress: Optional[Callable[[int, bool], None]] = None) -> dict:
+  """Writes one shard (``path.tmp`` then renamed) and its bookkeeping file; returns its stats.
+
+  ``progress(frames, skipped)`` is called after every video.
+  """
+  from dtf_jax.data.video import VideoDecodeError  # pylint: disable=import-outside-toplevel
+  tf = _tf()
+  stats = {'file': os.path.basename(path), 'videos': 0, 'frames': 0, 'skipped': []}
+  tmp = path + '.tmp'
+  with tf.io.TFRecordWriter(tmp) as writer:
+    for item in items:
+      try:
+        record, frames = encode_video(item, opts, threads)
+      except VideoDecodeError as e:
+        stats['skipped'].append({'video': item.filename, 'reason': e.reason, 'detail': e.detail})
+        frames = None
+      except Exception as e:  # pylint: disable=broad-except
+        stats['skipped'].append({'video': item.filename, 'reason': 'error',
+                                 'detail': f'{type(e).__name__}: {e}'.splitlines()[0][:200]})
+        frames = None
+      if frames is not None:
+        writer.write(record)
+        stats['videos'] += 1
+        stats['frames'] += frames
+      if progress is not None:
+        progress(frames or 0, frames is None)
+  _write_json(state_path, stats)
+  os.replace(tmp, path)
+  return stats
+
+
+# Worker processes (spawned: TensorFlow is not fork-safe). Each writes whole shards.
+_QUEUE = None
+
+
+def _init_worker(queue, single_threaded: bool):
+  global _QUEUE  # pylint: disable=global-statement
+  _QUEUE = queue
+  tf = _tf()
+  if single_threaded:
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+
+
+def _shard_task(path, state_path, items, opts, threads):
+  return write_shard(path, state_path, items, opts, threads,
+                     progress=lambda frames, skipped: _QUEUE.put((frames, skipped)))
+
+
+class Progress:
+  """Plain-text progress lines: videos done, videos/s, frames/s, skipped, ETA."""
+
+  def __init__(self, name: str, total: int, done: int = 0, interval: float = 2.0, stream=None):
+    self.name, self.total, self.done, self.interval = name, total, done, interval
+    self.stream = stream or sys.stdout
+    self.start = self.last = time.monotonic()
+    self.new = self.frames = self.skipped = 0
+
+  def update(self, frames: int, skipped: bool) -> None:
+    self.done += 1
+    self.new += 1
+    self.frames += frames
+    self.skipped += int(skipped)
+    if time.monotonic() - self.last >= self.interval and self.done < self.total:
+      self.print()
+
+  def print(self, final: bool = False) -> None:
+    self.last = time.monotonic()
+    elapsed = max(self.last - self.start, 1e-9)
+    rate = self.new / elapsed
+    eta = (self.total - self.done) / rate if rate > 0 else float('inf')
+    eta_text = 'done' if final else (f'ETA {_hms(eta)}' if math.isfinite(eta) else 'ETA ?')
+    percent = 100 * self.done / max(self.total, 1)
+    print(f'[{self.name}] {self.done}/{self.total} videos ({percent:.1f}%) {rate:.2f} videos/s '
+          f'{self.frames / elapsed:.1f} frames/s, {self.skipped} skipped, {_hms(elapsed)} elapsed, '
+          f'{eta_text}', file=self.stream, flush=True)
+
+
+def _hms(seconds: float) -> str:
+  seconds = int(seconds)
+  return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
+
+
+def _settings(opts: EncodeOptions, num_shards: int, seed: int, items) -> dict:
+  digest = hashlib.sha256(json.dumps([dataclasses.astuple(it) for it in items]).encode())
+  return {**dataclasses.asdict(opts), 'num_shards': num_shards, 'seed': seed,
+          'videos_digest': digest.hexdigest()}
+
+
+def convert_split(split: str, items: Sequence[VideoItem], output_dir: str, opts: EncodeOptions,
+                  num_shards: int, seed: int = 0, workers: int = 1,
+                  decode_threads: int = 1, max_shards: Optional[int] = None,
+                  overwrite: bool = False, progress_interval: float = 2.0,
+                  extra_manifest: Optional[dict] = None) -> Optional[dict]:
+  """Converts one split; returns its manifest, or ``None`` if ``max_shards`` stopped it early.
+
+  Finished shards (file and bookkeeping present, same settings) are kept; others are (re)written.
+  ``decode_threads`` are FFmpeg threads per video (1: single-threaded, the default; 0: auto).
+  """
+  state_dir = os.path.join(output_dir, STATE_DIR)
+  os.makedirs(state_dir, exist_ok=True)
+  settings = _settings(opts, num_shards, seed, items)
+  settings_path = os.path.join(state_dir, f'{split}-settings.json')
+  names = [shard_name(split, i, num_shards) for i in range(num_shards)]
+  pattern = re.compile(re.escape(split) + r'-\d{5}-of-\d{5}\.tfrecord(\.tmp)?')
+  existing = sorted(n for n in os.listdir(output_dir) if pattern.fullmatch(n))
+  manifest_path = os.path.join(output_dir, f'{split}-manifest.json')
+  keep = set()  # shards of an earlier run with the same settings
+  if os.path.exists(settings_path):
+    with open(settings_path, encoding='utf-8') as f:
+      old = json.load(f)
+    if old == settings:
+      keep = set(names)
+    elif not overwrite:
+      changed = sorted(k for k in settings if old.get(k) != settings[k])
+      raise SystemExit(f'{output_dir} holds {split} shards written with other settings '
+                       f'({", ".join(changed)}); pass --overwrite to replace them.')
+  elif any(n.endswith('.tfrecord') for n in existing) and not overwrite:
+    raise SystemExit(f'{output_dir} holds {split} shards of an unknown run; pass --overwrite.')
+  if not keep and os.path.exists(manifest_path):
+    os.remove(manifest_path)
+  for n in existing:  # stale temporaries, and shards of other settings
+    if n not in keep:
+      os.remove(os.path.join(output_dir, n))
+  if not keep:
+    for n in os.listdir(state_dir):
+      if pattern.fullmatch(n.removesuffix('.json')):
+        os.remove(os.path.join(state_dir, n))
+  _write_json(settings_path, settings)
+
+  shards = assign_shards(items, num_shards, seed)
+  paths = [os.path.join(output_dir, n) for n in names]
+  states = [os.path.join(state_dir, n + '.json') for n in names]
+  todo = [i for i in range(num_shards)
+          if not (os.path.exists(paths[i]) and os.path.exists(states[i]))]
+  if len(todo) < num_shards:
+    print(f'[{split}] resuming: {num_shards - len(todo)} of {num_shards} shards already written')
+  done = set(range(num_shards)) - set(todo)
+  stopped = max_shards is not None and len(todo) > max_shards
+  if stopped:
+    todo = todo[:max_shards]
+  progress = Progress(split, len(items), sum(len(shards[i]) for i in done), progress_interval)
+  if workers <= 1:
+    for i in todo:
+      write_shard(paths[i], states[i], shards[i], opts, decode_threads, progress.update)
+  elif todo:
+    ctx = multiprocessing.get_context('spawn')
+    queue = ctx.Queue()
+    with concurrent.futures.ProcessPoolExecutor(
+        min(workers, len(todo)), mp_context=ctx, initializer=_init_worker,
+        initargs=(queue, decode_threads == 1)) as pool:
+      futures = [pool.submit(_shard_task, paths[i], states[i], shards[i], opts, decode_threads)
+                 for i in todo]
+      pending = set(futures)
+      while pending:
+        _drain(queue, progress, timeout=0.2)
+        pending = {f for f in pending if not f.done()}
+      for f in futures:
+        f.result()  # re-raises a worker's exception
+      _drain(queue, progress, timeout=0.5)
+  progress.print(final=True)
+  if stopped:
+    print(f'[{split}] stopped after {max_shards} new shards (--max-shards); run again to continue.')
+    return None
+
+  manifest = {'split': split, 'videos_listed': len(items), 'videos_written': 0, 'frames': 0,
+              'videos_skipped': 0, 'skipped_by_reason': {}, 'skipped': [], 'shards': []}
+  for state in states:
+    with open(state, encoding='utf-8') as f:
+      stats = json.load(f)
+    manifest['videos_written'] += stats['videos']
+    manifest['frames'] += stats['frames']
+    manifest['skipped'].extend(stats['skipped'])
+    manifest['shards'].append({k: stats[k] for k in ('file', 'videos', 'frames')})
+  manifest['skipped'].sort(key=lambda s: s['video'])
+  manifest['videos_skipped'] = len(manifest['skipped'])
+  for s in manifest['skipped']:
+    by_reason = manifest['skipped_by_reason']
+    by_reason[s['reason']] = by_reason.get(s['reason'], 0) + 1
+  manifest['skipped_by_reason'] = dict(sorted(manifest['skipped_by_reason'].items()))
+  manifest['settings'] = settings
+  manifest.update(extra_manifest or {})
+  manifest['schema'] = {k: list(v) for k, v in SCHEMA.items()}
+  _write_json(manifest_path, manifest)
+  print(f'[{split}] wrote {manifest["videos_written"]} videos, {manifest["frames"]} frames in '
+        f'{num_shards} shards; skipped {manifest["videos_skipped"]} '
+        f'{manifest["skipped_by_reason"] or ""} -> {manifest_path}')
+  return manifest
+
+
+def _drain(queue, progress: Progress, timeout: float) -> None:
+  import queue as queue_lib  # pylint: disable=import-outside-toplevel
+  try:
+    item = queue.get(timeout=timeout)
+    while True:
+      progress.update(*item)
+      item = queue.get_nowait()
+  except queue_lib.Empty:
+    pass
+
+
+def write_label_map(output_dir: str, classes: Sequence[str], overwrite: bool = False) -> str:
+  """``label_map.json``: class name -> index. A different existing map is an error."""
+  path = os.path.join(output_dir, 'label_map.json')
+  label_map = {name: i for i, name in enumerate(classes)}
+  if os.path.exists(path) and not overwrite:
+    with open(path, encoding='utf-8') as f:
+      if json.load(f) != label_map:
+        raise SystemExit(f'{path} holds another label map; pass --overwrite or use another output.')
+  _write_json(path, label_map)
+  return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+
+def _split_arg(value: str) -> Tuple[str, str]:
+  name, sep, path = value.partition('=')
+  if not sep or not name or not path:
+    raise argparse.ArgumentTypeError(f'expected NAME=PATH, got {value!r}')
+  return name, path
+
+
+def parse_args(argv):
+  common = argparse.ArgumentParser(add_help=False)
+  g = common.add_argument_group('output and encoding (all formats)')
+  g.add_argument('--output', required=True, help='output directory (created).')
+  g.add_argument('--short-side', type=int, default=320,
+                 help='resize frames so that the short side is this many pixels (aspect kept, '
+                      'bilinear); 0 keeps the size. Default 320.')
+  g.add_argument('--fps', type=float, default=None,
+                 help='resample to this frame rate (frames dropped/repeated by timestamp); '
+                      'default: keep every decoded frame.')
+  g.add_argument('--jpeg-quality', type=int, default=90, help='JPEG quality 1-100 (default 90).')
+  g.add_argument('--min-frames', type=int, default=1,
+                 help='skip videos with fewer stored frames than this (default 1).')
+  shards = g.add_mutually_exclusive_group()
+  shards.add_argument('--num-shards', type=int, default=None,
+                      help='shards per split (default: ceil(videos / --videos-per-shard)).')
+  shards.add_argument('--videos-per-shard', type=int, default=32,
+                      help='videos per shard without --num-shards (default 32).')
+  g.add_argument('--seed', type=int, default=0,
+                 help='seed of the (deterministic) shard assignment.')
+  g.add_argument('--workers', type=int, default=1,
+                 help='worker processes; each writes whole shards (default 1).')
+  g.add_argument('--decode-threads', type=int, default=1,
+                 help='FFmpeg decoder threads per video (0: auto; default 1: parallelism comes '
+                      'from --workers). Damaged files may get another skip reason with threads.')
+  g.add_argument('--splits', default=None,
+                 help='comma-separated splits to convert (default: all the input defines).')
+  g.add_argument('--max-shards', type=int, default=None,
+                 help='write at most this many new shards per split, then stop (run again with '
+                      'the same arguments to continue).')
+  g.add_argument('--overwrite', action='store_true',
+                 help='replace shards written with other settings or another label map.')
+  g.add_argument('--progress-interval', type=float, default=2.0,
+                 help='seconds between progress lines (default 2).')
+
+  parser = argparse.ArgumentParser(prog='python -m dtf_jax.data.convert',
+                                   description=__doc__.split('\n')[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   epilog=__doc__.split('\n', 1)[1])
+  sub = parser.add_subparsers(dest='format', required=True, metavar='FORMAT')
+  fmt = argparse.RawDescriptionHelpFormatter
+  p = sub.add_parser('kinetics', parents=[common], formatter_class=fmt,
+                     help='Kinetics CSVs + video folder.')
+  p.add_argument('--csv', action='append', required=True,
+                 help='annotation CSV label,youtube_id,time_start,time_end,split (repeatable).')
+  p.add_argument('--videos', required=True,
+                 help='folder holding {youtube_id}_{start:06d}_{end:06d}.mp4 (any depth).')
+  p.add_argument('--class-names', default=None,
+                 help='class list (one per line; index = line) instead of the sorted CSV labels.')
+  p = sub.add_parser('ssv2', parents=[common], formatter_class=fmt,
+                     help='Something-Something V2 json + webm videos.')
+  p.add_argument('--annotations', required=True,
+                 help='folder with labels.json, train.json, validation.json [, test.json].')
+  p.add_argument('--videos', required=True, help='folder holding {id}.webm.')
+  p = sub.add_parser('ssv1', parents=[common], formatter_class=fmt,
+                     help='Something-Something V1 CSVs + JPEG frame folders.')
+  p.add_argument('--labels', required=True, help='category list, one name per line.')
+  p.add_argument('--split', action='append', type=_split_arg, required=True, metavar='NAME=CSV',
+                 help='split name and its id;label CSV (repeatable).')
+  p.add_argument('--videos', required=True, help='folder holding one frame folder {id}/ per video.')
+  p.add_argument('--folder-fps', type=float, default=12.0,
+                 help='frame rate of the frame folders (default 12).')
+  p = sub.add_parser('list', parents=[common], formatter_class=fmt,
+                     help='generic "relative/path label_index" lists.')
+  p.add_argument('--split', action='append', type=_split_arg, required=True, metavar='NAME=FILE',
+                 help='split name and its list file (repeatable).')
+  p.add_argument('--root', required=True, help='folder the listed paths are relative to.')
+  p.add_argument('--class-names', default=None, help='class names, one per line (index = line).')
+  p.add_argument('--folder-fps', type=float, default=12.0,
+                 help='frame rate of listed frame folders (default 12).')
+  args = parser.parse_args(argv)
+  if args.jpeg_quality < 1 or args.jpeg_quality > 100:
+    parser.error('--jpeg-quality must be in 1..100')
+  if args.short_side < 0 or args.min_frames < 0 or args.workers < 1:
+    parser.error('--short-side and --min-frames must be >= 0, --workers >= 1')
+  if args.fps is not None and args.fps <= 0:
+    parser.error('--fps must be > 0')
+  return args
+
+
+def read_dataset(args):
+  """The parsed command line -> ``(classes, {split: items})``."""
+  if args.format == 'kinetics':
+    names = _read_names(args.class_names) if args.class_names else None
+    return read_kinetics(args.csv, args.videos, names)
+  if args.format == 'ssv2':
+    splits = args.splits.split(',') if args.splits else None
+    return read_ssv2(args.annotations, args.videos, splits)
+  if args.format == 'ssv1':
+    return read_ssv1(args.labels, dict(args.split), args.videos)
+  return read_list(dict(args.split), args.root, args.class_names)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
+  classes, splits = read_dataset(args)
+  if args.splits:
+    wanted = args.splits.split(',')
+    missing = [s for s in wanted if s not in splits]
+    if missing:
+      sys.exit(f'--splits {",".join(missing)}: not in the input (has {", ".join(sorted(splits))})')
+    splits = {s: splits[s] for s in wanted}
+  os.makedirs(args.output, exist_ok=True)
+  print(f'{args.format}: {len(classes)} classes; '
+        + ', '.join(f'{s}: {len(v)} videos' for s, v in splits.items()))
+  write_label_map(args.output, classes, args.overwrite)
+  opts = EncodeOptions(short_side=args.short_side, fps=args.fps, jpeg_quality=args.jpeg_quality,
+                       min_frames=args.min_frames, folder_fps=getattr(args, 'folder_fps', 12.0))
+  complete = True
+  for split, items in splits.items():
+    num_shards = args.num_shards or max(1, math.ceil(len(items) / args.videos_per_shard))
+    manifest = convert_split(
+        split, items, args.output, opts, num_shards, seed=args.seed, workers=args.workers,
+        decode_threads=args.decode_threads, max_shards=args.max_shards, overwrite=args.overwrite,
+        progress_interval=args.progress_interval,
+        extra_manifest={'format': args.format, 'num_classes': len(classes)})
+    complete &= manifest is not None
+  return 0 if complete else 3
+
+
+if __name__ == '__main__':
+  from dtf_jax.data.convert import main as _main  # spawned workers import the same module
+  sys.exit(_main())
