@@ -366,7 +366,9 @@ def _hms(seconds: float) -> str:
 
 
 def _settings(opts: EncodeOptions, num_shards: int, seed: int, items) -> dict:
-  digest = hashlib.sha256(json.dumps([dataclasses.astuple(it) for it in items]).encode())
+  # What the records hold, not where the inputs lie: moved input folders still resume.
+  digest = hashlib.sha256(json.dumps(
+      [(it.id, it.filename, it.label_index, it.label_text) for it in items]).encode())
   return {**dataclasses.asdict(opts), 'num_shards': num_shards, 'seed': seed,
           'videos_digest': digest.hexdigest()}
 

@@ -1,0 +1,365 @@
+"""Synthetic temporal dataset: 8 motion classes that no single frame can tell apart.
+
+    python -m dtf_jax.data.synthetic --output DIR [--num-train 800 --num-val 200 --frames 16 \\
+        --size 64 --seed 0 --workers 2]
+
+Each clip shows one bright main object (box, ellipse or triangle) over a static random texture,
+with a second, darker distractor disk moving in a random direction, a small per-frame brightness
+flicker and Gaussian pixel noise. Classes are 4 kinds x 2 temporal directions:
+
+  0 moving_left          1 moving_right               (horizontal translation)
+  2 moving_up            3 moving_down                (vertical translation)
+  4 growing              5 shrinking                  (scale x2-2.8)
+  6 rotating_clockwise   7 rotating_counterclockwise  (90-180 degrees over the clip)
+
+The second class of a pair is the first class's clip played backwards: ``render_clip(2k + 1, rng)``
+is exactly ``render_clip(2k, rng)[::-1]`` for the same generator state, so the two classes of a pair
+have the same distribution of frame multisets. Any single frame, or any order-free statistic of a
+clip (mean frame, sorted frames), carries no information about the direction; only the temporal
+order does. Before noise, the main object is always brighter (every channel >= 195) than the texture
+(<= 150) and the distractor (<= 160).
+
+Output in ``--output``:
+  videos/{train,validation}/NNNNNN.mp4  H.264 (libx264, yuv420p, CRF 18; mpeg4 if libx264 is absent)
+  train.txt, val.txt                    ``relative/path label_index`` (paths relative to videos/)
+  classes.txt                           class names, one per line (index = line)
+  tfrecords/                            converter output (``dtf_jax.data.convert``): splits
+                                        ``train`` and ``validation``, frames at the rendered size.
+Clip ``i`` of a split is drawn from ``numpy.random.default_rng([seed, split_code, i])`` (train 0,
+validation 1) with label ``i % 8`` (balanced), so every file is determined by ``--seed`` alone.
+"""
+
+import argparse
+import math
+import multiprocessing
+import os
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+import av
+import numpy as np
+
+CLASSES = ('moving_left', 'moving_right', 'moving_up', 'moving_down', 'growing', 'shrinking',
+           'rotating_clockwise', 'rotating_counterclockwise')
+KINDS = ('horizontal', 'vertical', 'scale', 'rotation')
+SHAPES = ('box', 'ellipse', 'triangle')
+SPLITS = (('train', 0, 'train.txt'), ('validation', 1, 'val.txt'))  # (name, seed code, list file)
+NOISE_STD = 4.0     # Gaussian pixel noise (uint8 units)
+FLICKER_STD = 3.0   # per-frame global brightness offset
+CRF = 18
+
+
+def _shape_sdf(shape: str, u: np.ndarray, v: np.ndarray, a: float, b: float) -> np.ndarray:
+  """Approximate signed distance (pixels, < 0 inside) to a shape with half axes ``a`` x ``b``.
+
+  ``u``, ``v``: coordinates in the shape's frame (``T H W``); ``a``, ``b``: scalars or ``T 1 1``.
+  """
+  if shape == 'box':
+    return np.maximum(np.abs(u) - a, np.abs(v) - b)
+  if shape == 'ellipse':
+    return (np.sqrt((u / a) ** 2 + (v / b) ** 2) - 1.0) * np.minimum(a, b)
+  # Isosceles triangle, apex at (a, 0), base from (-a, -b) to (-a, b).
+  n = np.hypot(2 * a, b)
+  edge = (b * u + 2 * a * np.abs(v) - a * b) / n  # the two slanted sides (mirror symmetric)
+  return np.maximum(edge, -a - u)
+
+
+def _draw(canvas: np.ndarray, alpha: np.ndarray, color: np.ndarray) -> None:
+  """Blends ``color`` (3,) into ``canvas`` (T H W 3 float) with coverage ``alpha`` (T H W)."""
+  canvas += alpha[..., None] * (color - canvas)
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+  """Static texture ``float H W 3`` in [20, 150]: upsampled coarse noise plus a colour grating."""
+  coarse = rng.uniform(40.0, 130.0, (6, 6, 3))
+  pos = (np.arange(size) + 0.5) * (5.0 / size)
+  i0 = np.clip(np.floor(pos).astype(int), 0, 4)
+  w = (pos - i0)[:, None]
+  rows = coarse[i0] * (1 - w[..., None]) + coarse[i0 + 1] * w[..., None]        # size 6 3
+  tex = rows[:, i0] * (1 - w[None, :, :]) + rows[:, i0 + 1] * w[None, :, :]     # size size 3
+  yy, xx = np.mgrid[0:size, 0:size] + 0.5
+  theta, freq = rng.uniform(0, np.pi), rng.uniform(2.0, 6.0) / size
+  phase = rng.uniform(0, 2 * np.pi)
+  grating = np.sin(2 * np.pi * freq * (xx * np.cos(theta) + yy * np.sin(theta)) + phase)
+  return tex + grating[..., None] * rng.uniform(5.0, 20.0, 3)
+
+
+def _col(x) -> np.ndarray:
+  """``(T,)`` -> ``float32 T 1 1`` (per-frame values broadcast over the image)."""
+  return np.asarray(x, np.float32).reshape(-1, 1, 1)
+
+
+def render_clip(label: int, rng: np.random.Generator, frames: int = 16,
+                size: int = 64) -> np.ndarray:
+  """One clip of class ``label`` -> ``uint8 T H W 3`` (T = ``frames``, H = W = ``size``).
+
+  The draws from ``rng`` depend on the kind (``label // 2``) only; the odd class of a pair is the
+  even class's clip reversed in time.
+  """
+  if not 0 <= label < len(CLASSES):
+    raise ValueError(f'label {label} not in 0..{len(CLASSES) - 1}')
+  kind, backwards = KINDS[label // 2], label % 2 == 1
+  s, t = float(size), np.linspace(0.0, 1.0, frames)
+  yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + np.float32(0.5)
+  background = _background(rng, size)
+
+  # Main object (forward direction: left, up, growing, clockwise).
+  shape = SHAPES[rng.integers(len(SHAPES))]
+  aspect = rng.uniform(1.6, 2.5) if kind == 'rotation' else rng.uniform(1.0, 2.5)
+  color = 255.0 - rng.uniform(0.0, 60.0, 3)  # bright, slightly tinted: every channel >= 195
+  radius = np.full(frames, rng.uniform(0.10, 0.16) * s)
+  angle = np.full(frames, rng.uniform(0, 2 * np.pi))
+  cx = np.full(frames, rng.uniform(0.3, 0.7) * s)
+  cy = np.full(frames, rng.uniform(0.3, 0.7) * s)
+  drift = rng.uniform(-0.05, 0.05, (2, 1)) * s * (t - 0.5)[None]  # small nuisance drift
+  if kind in ('horizontal', 'vertical'):
+    travel = rng.uniform(0.3, 0.5) * s
+    mid = rng.uniform(0.4, 0.6) * s
+    path = mid + travel * (0.5 - t)  # decreasing: left / up
+    if kind == 'horizontal':
+      cx, cy = path, cy + drift[1]
+    else:
+      cx, cy = cx + drift[0], path
+  else:
+    cx, cy = cx + drift[0], cy + drift[1]
+    if kind == 'scale':
+      r0 = rng.uniform(0.05, 0.08) * s
+      radius = r0 * rng.uniform(2.0, 2.8) ** t
+    else:
+      angle = angle[0] + rng.uniform(0.5, 1.0) * np.pi * t  # y points down: increasing = clockwise
+
+  # Distractor: a darker disk on a straight random path (independent of the class).
+  d_radius = np.float32(rng.uniform(0.04, 0.07) * s)
+  d_color = rng.uniform(90.0, 160.0, 3)
+  d_start = rng.uniform(0.1, 0.9, 2) * s
+  d_dir = rng.uniform(0, 2 * np.pi)
+  d_path = d_start[:, None] + rng.uniform(0.3, 0.8) * s * np.array(
+      [[np.cos(d_dir)], [np.sin(d_dir)]]) * t[None]
+
+  flicker = rng.normal(0.0, FLICKER_STD, (frames, 1, 1, 1)).astype(np.float32)
+  noise = rng.standard_normal((frames, size, size, 3), dtype=np.float32) * NOISE_STD
+  canvas = np.broadcast_to(background.astype(np.float32), (frames, size, size, 3)).copy()
+  dist = np.hypot(xx - _col(d_path[0]), yy - _col(d_path[1])) - d_radius
+  _draw(canvas, np.clip(0.5 - dist, 0.0, 1.0), d_color.astype(np.float32))
+  c, sn = _col(np.cos(angle)), _col(np.sin(angle))
+  u = (xx - _col(cx)) * c + (yy - _col(cy)) * sn
+  v = -(xx - _col(cx)) * sn + (yy - _col(cy)) * c
+  a, b = _col(radius * math.sqrt(aspect)), _col(radius / math.sqrt(aspect))
+  _draw(canvas, np.clip(0.5 - _shape_sdf(shape, u, v, a, b), 0.0, 1.0), color.astype(np.float32))
+  out = np.clip(np.rint(canvas + flicker + noise), 0, 255).astype(np.uint8)
+  return np.ascontiguousarray(out[::-1]) if backwards else out
+
+
+def clip_rng(seed: int, split_code: int, index: int) -> np.random.Generator:
+  """The generator of clip ``index`` of a split (``split_code`` 0: train, 1: validation)."""
+  return np.random.default_rng([seed, split_code, index])
+
+
+def video_codec() -> str:
+  """``libx264`` if this PyAV build has it, else ``mpeg4``."""
+  return 'libx264' if 'libx264' in av.codecs_available else 'mpeg4'
+
+
+def rgb_to_yuv420p(frame: np.ndarray) -> np.ndarray:
+  """``uint8 H W 3`` RGB (H % 4 == W % 2 == 0) -> ``uint8 (3H/2) W`` yuv420p planes (PyAV's).
+
+  BT.601 limited range (FFmpeg's default matrix, which decoding back to RGB inverts), chroma the
+  mean of each 2x2 block. Done in numpy so that the encoder's input is exactly reproducible.
+  """
+  h, w = frame.shape[:2]
+  x = frame.astype(np.float64)
+  r, g, b = x[..., 0], x[..., 1], x[..., 2]
+  y = 16.0 + (65.481 * r + 128.553 * g + 24.966 * b) / 255.0
+  r, g, b = (c.reshape(h // 2, 2, w // 2, 2).mean((1, 3)) for c in (r, g, b))
+  u = 128.0 + (-37.797 * r - 74.203 * g + 112.0 * b) / 255.0
+  v = 128.0 + (112.0 * r - 93.786 * g - 18.214 * b) / 255.0
+  planes = [y, u.reshape(h // 4, w), v.reshape(h // 4, w)]
+  return np.clip(np.rint(np.concatenate(planes, 0)), 0, 255).astype(np.uint8)
+
+
+def write_mp4(path: str, frames: np.ndarray, fps: int = 12, codec: Optional[str] = None) -> None:
+  """Writes ``uint8 T H W 3`` RGB frames (H % 4 == W % 2 == 0) as a yuv420p mp4, deterministic."""
+  codec = codec or video_codec()
+  tmp = path + '.tmp'
+  with av.open(tmp, 'w', format='mp4') as container:
+    stream = container.add_stream(codec, rate=fps)
+    stream.width, stream.height = frames.shape[2], frames.shape[1]
+    stream.pix_fmt = 'yuv420p'
+    if codec == 'libx264':
+      # asm=0: with x264's SIMD paths, re-encoding identical 64x64 frames in one process gave
+      # different bytes in 5-15% of the encodes; plain C gave 0 of 100 (costs ~8 ms per clip).
+      stream.options = {'crf': str(CRF), 'preset': 'veryfast', 'threads': '1',
+                        'x264-params': 'asm=0'}
+    else:
+      stream.bit_rate = 4 * stream.width * stream.height * fps  # ~4 bits per pixel
+      stream.options = {'threads': '1'}
+    for frame in frames:
+      yuv = av.VideoFrame.from_ndarray(rgb_to_yuv420p(frame), format='yuv420p')
+      for packet in stream.encode(yuv):
+        container.mux(packet)
+    for packet in stream.encode():
+      container.mux(packet)
+  os.replace(tmp, path)
+
+
+def _write_clips(task):
+  """Worker: renders and writes clips ``[(path, label, split_code, index)]``; returns a count."""
+  clips, seed, frames, size, fps, codec = task
+  for path, label, code, index in clips:
+    write_mp4(path, render_clip(label, clip_rng(seed, code, index), frames, size), fps, codec)
+  return len(clips)
+
+
+def _write_lines(path: str, lines: Sequence[str]) -> None:
+  tmp = path + '.tmp'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    f.write(''.join(line + '\n' for line in lines))
+  os.replace(tmp, path)
+
+
+def generate(output_dir: str, num_train: int = 800, num_val: int = 200, frames: int = 16,
+             size: int = 64, seed: int = 0, workers: int = 2, fps: int = 12,
+             videos_per_shard: int = 50, jpeg_quality: int = 90, convert: bool = True,
+             convert_workers: int = 1, overwrite: bool = False,
+             progress_interval: float = 2.0) -> Dict:
+  """Writes the videos, lists and (``convert``) TFRecords; returns a dict.
+
+  Keys: ``paths`` (``videos``, ``classes``, ``train.txt``, ``val.txt``, ``tfrecords``),
+  ``timing``, ``bytes``, ``codec`` and ``manifests`` (the converter's, per split).
+
+  ``workers`` render/encode processes, ``convert_workers`` converter processes (1: in this
+  process). ``timing`` holds seconds for ``videos`` (render + encode), ``convert`` and ``total``;
+  ``bytes`` the size on disk of ``videos`` and ``tfrecords``.
+  """
+  from dtf_jax.data import convert as convert_lib  # pylint: disable=import-outside-toplevel
+  start = time.monotonic()
+  video_root = os.path.join(output_dir, 'videos')
+  codec = video_codec()
+  paths = {'videos': video_root, 'classes': os.path.join(output_dir, 'classes.txt'),
+           'tfrecords': os.path.join(output_dir, 'tfrecords')}
+  counts = {'train': num_train, 'validation': num_val}
+  tasks, total = [], 0
+  for split, code, list_name in SPLITS:
+    os.makedirs(os.path.join(video_root, split), exist_ok=True)
+    rels = [(f'{split}/{i:06d}.mp4', i % len(CLASSES), i) for i in range(counts[split])]
+    _write_lines(os.path.join(output_dir, list_name), [f'{r} {label}' for r, label, _ in rels])
+    paths[list_name] = os.path.join(output_dir, list_name)
+    clips = [(os.path.join(video_root, r), label, code, i) for r, label, i in rels]
+    chunk = 25
+    tasks += [(clips[j:j + chunk], seed, frames, size, fps, codec)
+              for j in range(0, len(clips), chunk)]
+    total += len(clips)
+  _write_lines(paths['classes'], CLASSES)
+
+  print(f'synthetic: {num_train} train + {num_val} validation clips of {frames}x{size}x{size}, '
+        f'{codec}, seed {seed} -> {output_dir}', flush=True)
+  done, last = 0, time.monotonic()
+
+  def report(n):
+    nonlocal done, last
+    done += n
+    now = time.monotonic()
+    if done == total or now - last >= progress_interval:
+      last = now
+      rate = done / max(now - start, 1e-9)
+      print(f'[videos] {done}/{total} clips, {rate:.1f} clips/s, {now - start:.1f}s elapsed',
+            flush=True)
+
+  if workers > 1 and len(tasks) > 1:
+    # spawn: the parent may hold TensorFlow, which is not fork-safe.
+    with multiprocessing.get_context('spawn').Pool(min(workers, len(tasks))) as pool:
+      for n in pool.imap_unordered(_write_clips, tasks):
+        report(n)
+  else:
+    for task in tasks:
+      report(_write_clips(task))
+  t_videos = time.monotonic() - start
+
+  manifests = {}
+  if convert:
+    classes, splits = convert_lib.read_list(
+        {split: paths[name] for split, _, name in SPLITS}, video_root, paths['classes'])
+    out = paths['tfrecords']
+    os.makedirs(out, exist_ok=True)
+    convert_lib.write_label_map(out, classes, overwrite)
+    opts = convert_lib.EncodeOptions(short_side=0, jpeg_quality=jpeg_quality, min_frames=frames)
+    for split, items in splits.items():
+      num_shards = max(1, math.ceil(len(items) / videos_per_shard))
+      manifests[split] = convert_lib.convert_split(
+          split, items, out, opts, num_shards, seed=seed, workers=convert_workers,
+          overwrite=overwrite, progress_interval=progress_interval,
+          extra_manifest={'format': 'synthetic', 'num_classes': len(classes)})
+  t_total = time.monotonic() - start
+  timing = {'videos': t_videos, 'convert': t_total - t_videos, 'total': t_total}
+  sizes = {'videos': _du(video_root), 'tfrecords': _du(paths['tfrecords'])}
+  print(f'synthetic: videos {t_videos:.1f}s ({_mb(sizes["videos"])}), conversion '
+        f'{timing["convert"]:.1f}s ({_mb(sizes["tfrecords"])}), total {t_total:.1f}s', flush=True)
+  return {'paths': paths, 'timing': timing, 'bytes': sizes, 'codec': codec,
+          'manifests': manifests}
+
+
+def _du(path: str) -> int:
+  total = 0
+  for root, _, files in os.walk(path):
+    total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+  return total
+
+
+def _mb(n: int) -> str:
+  return f'{n / 2 ** 20:.1f} MiB'
+
+
+def parse_args(argv: Optional[List[str]] = None):
+  parser = argparse.ArgumentParser(prog='python -m dtf_jax.data.synthetic',
+                                   description=__doc__.split('\n')[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   epilog=__doc__.split('\n', 1)[1])
+  parser.add_argument('--output', required=True, help='output directory (created).')
+  parser.add_argument('--num-train', type=int, default=800, help='train clips (default 800).')
+  parser.add_argument('--num-val', type=int, default=200, help='validation clips (default 200).')
+  parser.add_argument('--frames', type=int, default=16, help='frames per clip (default 16).')
+  parser.add_argument('--size', type=int, default=64,
+                      help='frame height = width in pixels, a multiple of 4 (default 64).')
+  parser.add_argument('--fps', type=int, default=12, help='frame rate of the videos (default 12).')
+  parser.add_argument('--seed', type=int, default=0,
+                      help='seed of the clips and of the shard assignment (default 0).')
+  parser.add_argument('--workers', type=int, default=2,
+                      help='processes rendering and encoding the clips (default 2; 1: in this '
+                           'process). ~20 ms per 16x64x64 clip; a spawned worker needs a few '
+                           'seconds to start (it imports TensorFlow with the package).')
+  parser.add_argument('--convert-workers', type=int, default=1,
+                      help='converter processes (default 1: in this process, ~100 clips/s of '
+                           '16x64x64 on 2 cores; spawned workers were slower at this size).')
+  parser.add_argument('--videos-per-shard', type=int, default=50,
+                      help='videos per TFRecord shard (default 50).')
+  parser.add_argument('--jpeg-quality', type=int, default=90,
+                      help='JPEG quality of the stored frames, 1-100 (default 90).')
+  parser.add_argument('--no-convert', action='store_true',
+                      help='write only the videos and lists, no TFRecords.')
+  parser.add_argument('--overwrite', action='store_true',
+                      help='replace TFRecords written earlier with other settings.')
+  args = parser.parse_args(argv)
+  if args.num_train < 0 or args.num_val < 0 or args.frames < 2 or args.workers < 1 \
+      or args.convert_workers < 1:
+    parser.error('--num-train/--num-val must be >= 0, --frames >= 2, workers >= 1')
+  if args.size < 16 or args.size % 4:
+    parser.error('--size must be a multiple of 4 and >= 16 (yuv420p planes)')
+  if not 1 <= args.jpeg_quality <= 100:
+    parser.error('--jpeg-quality must be in 1..100')
+  return args
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+  args = parse_args(argv)
+  os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')  # this process never runs JAX
+  generate(args.output, args.num_train, args.num_val, args.frames, args.size, args.seed,
+           args.workers, args.fps, args.videos_per_shard, args.jpeg_quality,
+           convert=not args.no_convert, convert_workers=args.convert_workers,
+           overwrite=args.overwrite)
+  return 0
+
+
+if __name__ == '__main__':
+  from dtf_jax.data.synthetic import main as _main  # spawned workers import the same module
+  sys.exit(_main())
