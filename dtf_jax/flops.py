@@ -52,10 +52,15 @@ def _is_complex(aval) -> bool:
   return np.issubdtype(aval.dtype, np.complexfloating)
 
 
+def _complex_factor(a, b) -> int:
+  """Real MACs per multiply-add of operands ``a`` and ``b``: 4 complex x complex, 2 complex x
+  real, 1 real."""
+  return 2 ** (int(_is_complex(a)) + int(_is_complex(b)))
+
+
 def _eqn_macs(eqn, scope: str):
   """(category, MACs) of one jaxpr equation, or None if it is not counted."""
   name = eqn.primitive.name
-  in_temporal = '/temporal' in scope
   if name == 'conv_general_dilated':
     out, rhs = eqn.outvars[0].aval, eqn.invars[1].aval
     out_channels = rhs.shape[eqn.params['dimension_numbers'].rhs_spec[0]]
@@ -64,12 +69,10 @@ def _eqn_macs(eqn, scope: str):
     lhs, rhs = eqn.invars[0].aval, eqn.invars[1].aval
     (lhs_contract, _), _ = eqn.params['dimension_numbers']
     macs = _size(eqn.outvars[0].aval) * int(np.prod([lhs.shape[d] for d in lhs_contract]))
+    macs *= _complex_factor(lhs, rhs)
     if MIXING_SCOPE in scope:
       return 'dtf_mixing', macs
-    if in_temporal:
-      if _is_complex(lhs) or _is_complex(rhs):
-        factor = 4 if (_is_complex(lhs) and _is_complex(rhs)) else 2
-        return 'dtf_mixing', factor * macs
+    if '/temporal' in scope:
       return 'dtf_estimator', macs
     is_param_matmul = any(s in scope for s in ('/qkv', '/proj', '/mlp', '/head', '/reduction'))
     if '/attn' in scope and not is_param_matmul:
@@ -87,9 +90,7 @@ def _eqn_macs(eqn, scope: str):
   if name == 'mul' and DFT_SCOPE in scope:
     return 'dtf_fft', _size(eqn.outvars[0].aval)
   if name == 'mul' and COUNTED_SCOPE in scope:
-    a, b = eqn.invars[0].aval, eqn.invars[1].aval
-    factor = 4 if (_is_complex(a) and _is_complex(b)) else 2 if (
-        _is_complex(a) or _is_complex(b)) else 1
+    factor = _complex_factor(eqn.invars[0].aval, eqn.invars[1].aval)
     return 'dtf_elementwise', factor * _size(eqn.outvars[0].aval)
   return None
 
