@@ -18,6 +18,12 @@ setuptools.setup(
         # Data: tf.data/TFRecords on the CPU only, PyAV to decode videos in the converter.
         'tensorflow-cpu==2.21.0',
         'av==18.1.0',
+        'tensorflow-datasets==4.9.10',
+        # Trainer: configs, metric writers (TensorBoard needs tensorboard), confusion-matrix plots.
+        'ml-collections==1.1.0',
+        'clu==0.0.12',
+        'tensorboard==2.21.0',
+        'matplotlib==3.11.2',
     ],
     extras_require={
         'torch': ['torch==2.13.0'],
