@@ -1,0 +1,293 @@
+"""Train and eval input pipelines (tf.data, CPU) over video records from TFRecords or TFDS.
+
+    source = make_source('tfrecord:/data/k400', 'train')        # or 'tfds:dtf_synthetic'
+    train = train_dataset(source, batch_size=8, clip_length=16, size=224, seed=0)
+    batch = next(train.as_numpy_iterator())   # {'video': B T H W 3 float32, 'label': B int32}
+    evaluation = eval_dataset(make_source(..., 'validation'), batch_size=8, clip_length=16,
+                              size=256, num_clips=10, num_crops=3)
+    for batch in evaluation.dataset: ...      # + 'video_index', 'view_index', 'video_id', 'mask'
+
+Sources. ``tfrecord:DIR``: the converter's ``{split}-NNNNN-of-NNNNN.tfrecord`` files with
+``label_map.json`` and ``{split}-manifest.json`` (per-shard video counts). ``tfds:NAME``: a TFDS
+dataset prepared in ``data_dir`` with a ``video`` (frames) and a ``label`` feature; frames are read
+encoded and decoded only when sampled.
+
+Hosts. Process ``p`` of ``P`` reads the TFRecord files ``p, p + P, ...`` (sorted names), or the
+``p``-th of ``P`` even TFDS sub-splits. ``batch_size`` is per process. Every video has a global
+``video_index`` (its position in the sorted files or the TFDS split), so eval scores can be gathered
+from all hosts and averaged per video.
+
+Determinism. The train stream is a function of ``seed`` and the process index: epoch ``e`` shuffles
+the host's files and its records with seeds drawn from ``(seed, e)``; element ``n`` of the stream
+draws its clip offset, crop and flip from ``(seed, process, n)``. ``start_index`` skips the first
+``n`` elements (a resumed run continues the same stream); skipping reads records but decodes none.
+"""
+
+import dataclasses
+import glob
+import json
+import math
+import os
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from dtf_jax.data import ops
+from dtf_jax.data import tf
+
+AUTOTUNE = tf.data.AUTOTUNE
+TRAIN_CROPS = ('scale_jitter', 'random_resized_crop')
+FLIP_MODES = ('flip', 'none', 'swap_pairs')
+
+
+def _processes(process_index: Optional[int], process_count: Optional[int]) -> Tuple[int, int]:
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=import-outside-toplevel
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index {process_index} not in 0..{process_count - 1}')
+  return process_index, process_count
+
+
+@dataclasses.dataclass
+class VideoSource:
+  """The records of one split and how they are spread over processes.
+
+  ``host_sizes[p]``: videos read by process ``p``; ``read(p, epoch_seed)`` -> records
+  ``{'frames': string[D], 'label': int32, 'video_id': string, 'video_index': int64}`` of process
+  ``p`` (fixed order; shuffled file order when ``epoch_seed`` [2] is given).
+  """
+  name: str
+  split: str
+  class_names: Tuple[str, ...]
+  is_jpeg: bool
+  host_sizes: Tuple[int, ...]
+  read: Callable[[int, Optional[tf.Tensor]], tf.data.Dataset]
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+  @property
+  def num_videos(self) -> int:
+    return sum(self.host_sizes)
+
+
+def _tfrecord_source(data_dir: str, split: str, process_count: int) -> VideoSource:
+  files = sorted(glob.glob(os.path.join(data_dir, f'{split}-*-of-*.tfrecord')))
+  if not files:
+    found = sorted({os.path.basename(f).split('-')[0]
+                    for f in glob.glob(os.path.join(data_dir, '*.tfrecord'))})
+    raise FileNotFoundError(f"no '{split}-*-of-*.tfrecord' files in {data_dir} (splits there: "
+                            f'{found or "none"}); convert with python -m dtf_jax.data.convert')
+  if len(files) < process_count:
+    raise ValueError(f'{len(files)} {split} files in {data_dir} cannot be split over '
+                     f'{process_count} processes; convert with --num-shards >= {process_count}')
+  label_map_path = os.path.join(data_dir, 'label_map.json')
+  if not os.path.exists(label_map_path):
+    raise FileNotFoundError(f'{label_map_path} is missing (written by dtf_jax.data.convert)')
+  with open(label_map_path) as f:
+    label_map = json.load(f)
+  class_names = tuple(sorted(label_map, key=label_map.get))
+  manifest_path = os.path.join(data_dir, f'{split}-manifest.json')
+  if os.path.exists(manifest_path):
+    with open(manifest_path) as f:
+      counts_by_file = {s['file']: s['videos'] for s in json.load(f)['shards']}
+    missing = [os.path.basename(f) for f in files if os.path.basename(f) not in counts_by_file]
+    if missing:
+      raise ValueError(f'{manifest_path} does not list {missing[:3]}: files and manifest differ')
+    counts = [counts_by_file[os.path.basename(f)] for f in files]
+  else:  # Counting reads every record once (no decoding).
+    print(f'{manifest_path} is missing: counting the records of {len(files)} files')
+    counts = [int(tf.data.TFRecordDataset(f).reduce(0, lambda n, _: n + 1)) for f in files]
+  offsets = [sum(counts[:i]) for i in range(len(files))]
+  host_sizes = tuple(sum(counts[p::process_count]) for p in range(process_count))
+
+  def read(process_index: int, epoch_seed: Optional[tf.Tensor] = None) -> tf.data.Dataset:
+    host = tf.data.Dataset.from_tensor_slices(
+        (files[process_index::process_count],
+         tf.constant(offsets[process_index::process_count], tf.int64)))
+    if epoch_seed is not None:
+      host = host.shuffle(len(files), seed=_int_seed(epoch_seed))
+
+    def file_records(path, offset):
+      return tf.data.TFRecordDataset(path, buffer_size=8 << 20).enumerate().map(
+          lambda j, serialized: dict(ops.parse_sequence_example(serialized),
+                                     video_index=offset + j))
+    return host.interleave(file_records, cycle_length=min(len(files), 16), block_length=1,
+                           num_parallel_calls=AUTOTUNE, deterministic=True)
+
+  return VideoSource(f'tfrecord:{data_dir}', split, class_names, True, host_sizes, read)
+
+
+def _tfds_source(name: str, split: str, data_dir: Optional[str], process_count: int) -> VideoSource:
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  if name.split('/')[0] == 'dtf_synthetic':
+    from dtf_jax.data import tfds_synthetic  # pylint: disable=import-outside-toplevel,unused-import
+  builder = tfds.builder(name, data_dir=data_dir)
+  if not builder.is_prepared():
+    raise FileNotFoundError(f"TFDS dataset '{name}' is not prepared in {builder.data_dir}; run "
+                            f"tfds.builder('{name}', data_dir=...).download_and_prepare()")
+  features = builder.info.features
+  if 'video' not in features or 'label' not in features:
+    raise ValueError(f"TFDS dataset '{name}' needs 'video' and 'label' features, has "
+                     f'{list(features.keys())}')
+  if split not in builder.info.splits:
+    raise ValueError(f"TFDS dataset '{name}' has no split '{split}' "
+                     f'(splits: {list(builder.info.splits.keys())})')
+  class_names = tuple(features['label'].names)
+  subsplits = tfds.even_splits(split, n=process_count, drop_remainder=False)
+  host_sizes = tuple(builder.info.splits[s].num_examples for s in subsplits)
+  offsets = [sum(host_sizes[:p]) for p in range(process_count)]
+  has_id = 'id' in features
+
+  def read(process_index: int, epoch_seed: Optional[tf.Tensor] = None) -> tf.data.Dataset:
+    del epoch_seed  # TFDS files are read in their fixed order; the record shuffle does the rest.
+    ds = builder.as_dataset(split=subsplits[process_index], shuffle_files=False,
+                            decoders={'video': tfds.decode.SkipDecoding()},
+                            read_config=tfds.ReadConfig(add_tfds_id=True))
+    return ds.enumerate().map(lambda j, ex: {
+        'frames': ex['video'], 'label': tf.cast(ex['label'], tf.int32),
+        'video_id': ex['id'] if has_id else ex['tfds_id'],
+        'video_index': offsets[process_index] + j})
+
+  first = next(iter(read(0).take(1)), None) if builder.info.splits[split].num_examples else None
+  is_jpeg = bool(first is not None and first['frames'].numpy()[0][:3] == b'\xff\xd8\xff')
+  return VideoSource(f'tfds:{name}', split, class_names, is_jpeg, host_sizes, read)
+
+
+def make_source(dataset: str, split: str, data_dir: Optional[str] = None,
+                process_count: Optional[int] = None) -> VideoSource:
+  """``'tfrecord:DIR'`` or ``'tfds:NAME'`` (prepared in ``data_dir``) -> ``VideoSource``."""
+  _, process_count = _processes(0, process_count)
+  kind, _, location = dataset.partition(':')
+  if kind == 'tfrecord' and location:
+    return _tfrecord_source(location, split, process_count)
+  if kind == 'tfds' and location:
+    return _tfds_source(location, split, data_dir, process_count)
+  raise ValueError(f"dataset must be 'tfrecord:DIR' or 'tfds:NAME', got {dataset!r}")
+
+
+def _int_seed(seed: tf.Tensor) -> tf.Tensor:
+  """[2] seed -> int64 scalar (for tf.data ops that take one)."""
+  return tf.random.stateless_uniform([], seed, minval=None, maxval=None, dtype=tf.int64)
+
+
+def _check(clip_length: int, stride: int, size: int):
+  for name, value in (('clip_length', clip_length), ('stride', stride), ('size', size)):
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f'{name} must be a positive int, got {value!r}')
+
+
+def train_dataset(source: VideoSource, *, batch_size: int, clip_length: int, stride: int = 1,
+                  size: int = 224, crop: str = 'scale_jitter',
+                  scale_range: Tuple[int, int] = (256, 340),
+                  area_range: Tuple[float, float] = (0.2, 1.0),
+                  aspect_range: Tuple[float, float] = (3 / 4, 4 / 3), flip: str = 'flip',
+                  flip_pairs: Sequence[Tuple[int, int]] = ops.SSV2_FLIP_PAIRS,
+                  colour_jitter: float = 0.0, shuffle_buffer: int = 1024, seed: int = 0,
+                  start_index: int = 0, dtype=tf.float32, prefetch: int = 2,
+                  process_index: Optional[int] = None) -> tf.data.Dataset:
+  """Endless stream of batches ``{'video': B T size size 3 (dtype), 'label': B int32}``.
+
+  crop: ``'scale_jitter'`` (short side to a random size in ``scale_range``, random square crop)
+    or ``'random_resized_crop'`` (``area_range`` of the frame, ``aspect_range``), then ``size``².
+  flip: ``'flip'`` (random horizontal flip), ``'none'`` (Something-Something), ``'swap_pairs'``
+    (flip, and swap the labels of ``flip_pairs``: SSv2's left/right classes by default).
+  colour_jitter: strength of ``ops.colour_jitter`` (0 = off).
+  """
+  _check(clip_length, stride, size)
+  if crop not in TRAIN_CROPS:
+    raise ValueError(f'crop must be one of {TRAIN_CROPS}, got {crop!r}')
+  if flip not in FLIP_MODES:
+    raise ValueError(f'flip must be one of {FLIP_MODES}, got {flip!r}')
+  process_index, _ = _processes(process_index, len(source.host_sizes))
+  if not source.host_sizes[process_index]:
+    raise ValueError(f'process {process_index} has no {source.split} videos in {source.name}')
+  label_table = (ops.flip_pairs_table(source.num_classes, flip_pairs)
+                 if flip == 'swap_pairs' else None)
+  epochs_key, clips_key = tf.unstack(ops.split_seeds(tf.constant([seed, process_index], tf.int64), 2))
+
+  def epoch(e):
+    epoch_seed = tf.random.experimental.stateless_fold_in(epochs_key, e)
+    records = source.read(process_index, epoch_seed)
+    return records.shuffle(shuffle_buffer, seed=_int_seed(epoch_seed))
+
+  def make_clip(n, record):
+    seeds = ops.split_seeds(tf.random.experimental.stateless_fold_in(clips_key, n), 4)
+    frames = record['frames']
+    indices = ops.train_clip_indices(tf.shape(frames)[0], clip_length, stride, seeds[0])
+    frames = tf.gather(frames, indices)
+    image_hw = ops.frame_shape(frames[0], source.is_jpeg)
+    if crop == 'scale_jitter':
+      window = ops.scale_jitter_window(image_hw, size, scale_range, seeds[1])
+    else:
+      window = ops.random_resized_crop_window(image_hw, area_range, aspect_range, seeds[1])
+    clip = ops.resize_clip(ops.decode_frames(frames, source.is_jpeg, window), size, size)
+    label = record['label']
+    if flip != 'none':
+      clip, label = ops.random_flip(clip, label, seeds[2], label_table)
+    if colour_jitter:
+      clip = ops.colour_jitter(clip, seeds[3], colour_jitter)
+    clip = tf.ensure_shape(ops.normalize(clip, dtype=dtype), [clip_length, size, size, 3])
+    return {'video': clip, 'label': label}
+
+  ds = tf.data.Dataset.range(2**62).flat_map(epoch).enumerate()
+  if start_index:
+    ds = ds.skip(start_index)
+  ds = ds.map(make_clip, num_parallel_calls=AUTOTUNE, deterministic=True)
+  return ds.batch(batch_size, drop_remainder=True).prefetch(prefetch)
+
+
+@dataclasses.dataclass
+class EvalData:
+  """``dataset``: ``num_batches`` batches of views ``{'video': B T size size 3, 'label': B,
+  'video_index': B int64, 'view_index': B int32, 'video_id': B string, 'mask': B bool}``, the same
+  number on every process; padding views have ``mask`` False and ``video_index`` -1."""
+  dataset: tf.data.Dataset
+  num_batches: int
+  num_videos: int
+  views_per_video: int
+
+
+def eval_dataset(source: VideoSource, *, batch_size: int, clip_length: int, stride: int = 1,
+                 size: int = 224, num_clips: int = 1, num_crops: int = 1, dtype=tf.float32,
+                 prefetch: int = 2, process_index: Optional[int] = None) -> EvalData:
+  """Every video of this process as ``num_clips`` x ``num_crops`` views (``ops`` gives the clip
+  starts; crops after resizing the short side to ``size``), in order, padded to whole batches."""
+  _check(clip_length, stride, size)
+  if num_clips < 1:
+    raise ValueError(f'num_clips must be >= 1, got {num_clips}')
+  if num_crops not in (1, 3):
+    raise ValueError(f'num_crops must be 1 or 3, got {num_crops}')
+  process_index, _ = _processes(process_index, len(source.host_sizes))
+  views = num_clips * num_crops
+  num_batches = math.ceil(max(source.host_sizes) * views / batch_size)
+  num_padding = num_batches * batch_size - source.host_sizes[process_index] * views
+
+  def clips_of(record):
+    indices = ops.eval_clip_indices(tf.shape(record['frames'])[0], clip_length, stride, num_clips)
+    return tf.data.Dataset.from_tensor_slices(
+        {'indices': indices, 'clip': tf.range(num_clips, dtype=tf.int32)}).map(
+            lambda c: dict(record, **c))
+
+  def make_views(item):
+    clip = ops.decode_frames(tf.gather(item['frames'], item['indices']), source.is_jpeg)
+    crops = ops.spatial_crops(ops.resize_short_side(clip, size), size, num_crops)
+    return {
+        'video': tf.ensure_shape(ops.normalize(crops, dtype=dtype),
+                                 [num_crops, clip_length, size, size, 3]),
+        'label': tf.fill([num_crops], item['label']),
+        'video_index': tf.fill([num_crops], item['video_index']),
+        'view_index': item['clip'] * num_crops + tf.range(num_crops, dtype=tf.int32),
+        'video_id': tf.fill([num_crops], item['video_id']),
+        'mask': tf.ones([num_crops], tf.bool)}
+
+  ds = source.read(process_index).flat_map(clips_of)
+  ds = ds.map(make_views, num_parallel_calls=AUTOTUNE, deterministic=True).unbatch()
+  padding = {'video': tf.zeros([clip_length, size, size, 3], dtype),
+             'label': tf.constant(-1, tf.int32), 'video_index': tf.constant(-1, tf.int64),
+             'view_index': tf.constant(-1, tf.int32), 'video_id': tf.constant(b''),
+             'mask': tf.constant(False)}
+  ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat(num_padding))
+  ds = ds.batch(batch_size, drop_remainder=True).prefetch(prefetch)
+  return EvalData(ds, num_batches, source.num_videos, views)
