@@ -318,3 +318,17 @@ def test_errors(records, tmp_path):
     pipeline.eval_dataset(source, batch_size=1, clip_length=0, process_index=0)
   with pytest.raises(ValueError, match='process_index 1 not in 0..0'):
     pipeline.train_dataset(source, batch_size=1, clip_length=4, process_index=1)
+
+
+def test_benchmark_input_counts(records, capsys):
+  from dtf_jax.tools import benchmark_input  # pylint: disable=import-outside-toplevel
+  assert benchmark_input.main(['--data', records, '--clip-length', '4', '--size', '32',
+                               '--batch-size', '2', '--batches', '3', '--warmup-batches', '1',
+                               '--cores', '1']) == 0
+  lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()
+           if line.startswith(('train ', 'eval '))}
+  assert set(lines) == {'train', 'eval'}
+  for line in lines.values():  # "<name> <rate> clips/s <rate/core> clips/s/core (6 clips in ...)"
+    parts = line.split()
+    assert float(parts[1]) > 0 and float(parts[3]) == pytest.approx(float(parts[1]), rel=0.01)
+    assert '(6 clips in' in line and '1 cores)' in line

@@ -1,0 +1,104 @@
+"""Measures the throughput of the train and eval input pipelines (``dtf_jax.data.pipeline``).
+
+    python -m dtf_jax.tools.benchmark_input --data DIR --split train --clip-length 16 --size 224
+    python -m dtf_jax.tools.benchmark_input --data tfds:dtf_synthetic --data-dir D --size 64
+
+``--data`` is a converter output folder (or ``tfrecord:DIR``) or ``tfds:NAME``. After
+``--warmup-batches`` untimed batches, times ``--batches`` batches of each pipeline and prints
+clips/s overall and per core (the cores this process may use, or ``--cores``, which also limits
+tf.data's thread pool). The eval pipeline is timed on the same split with ``--num-clips`` x
+``--num-crops`` views per video at ``--eval-size`` (views/s = clips/s).
+"""
+
+import argparse
+import os
+import sys
+import time
+
+from dtf_jax.data import pipeline
+from dtf_jax.data import tf
+
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--data', required=True, help="DIR, 'tfrecord:DIR' or 'tfds:NAME'.")
+  parser.add_argument('--data-dir', help="TFDS data_dir for 'tfds:NAME'.")
+  parser.add_argument('--split', default='train', help='split to read (default train).')
+  parser.add_argument('--clip-length', type=int, default=16, help='frames per clip (16).')
+  parser.add_argument('--stride', type=int, default=1, help='frame sampling stride (1).')
+  parser.add_argument('--size', type=int, default=224, help='train crop size (224).')
+  parser.add_argument('--crop', choices=pipeline.TRAIN_CROPS, default='scale_jitter',
+                      help='train crop (scale_jitter).')
+  parser.add_argument('--colour-jitter', type=float, default=0.0,
+                      help='colour jitter strength (0 = off).')
+  parser.add_argument('--batch-size', type=int, default=8, help='clips per batch (8).')
+  parser.add_argument('--batches', type=int, default=40, help='timed batches per pipeline (40).')
+  parser.add_argument('--warmup-batches', type=int, default=5, help='untimed batches first (5).')
+  parser.add_argument('--eval-size', type=int, default=None, help='eval crop size (--size).')
+  parser.add_argument('--num-clips', type=int, default=1, help='eval clips per video (1).')
+  parser.add_argument('--num-crops', type=int, choices=(1, 3), default=3,
+                      help='eval crops per clip (3).')
+  parser.add_argument('--cores', type=int, default=None,
+                      help='limit tf.data to this many threads and count per core by it '
+                      '(default: tf.data defaults, all usable cores).')
+  parser.add_argument('--skip', choices=('train', 'eval'), help='time only the other pipeline.')
+  return parser.parse_args(argv)
+
+
+def _time(dataset, batches: int, warmup: int, label: str):
+  """Iterates ``warmup + batches`` batches; returns (timed clips, seconds)."""
+  iterator = iter(dataset)
+  for _ in range(warmup):
+    next(iterator)
+  clips, start, last = 0, time.perf_counter(), time.perf_counter()
+  for i in range(batches):
+    batch = next(iterator)
+    clips += int(batch['video'].shape[0])
+    now = time.perf_counter()
+    if now - last > 5 or i == batches - 1:
+      print(f'  {label}: {i + 1}/{batches} batches, {clips / (now - start):.1f} clips/s',
+            flush=True)
+      last = now
+  return clips, time.perf_counter() - start
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  dataset = args.data if args.data.startswith(('tfds:', 'tfrecord:')) else f'tfrecord:{args.data}'
+  cores = args.cores or len(os.sched_getaffinity(0))
+  options = tf.data.Options()
+  if args.cores:  # Otherwise tf.data's default pool, one thread per usable core.
+    options.threading.private_threadpool_size = cores
+    options.threading.max_intra_op_parallelism = 1
+  source = pipeline.make_source(dataset, args.split, args.data_dir, process_count=1)
+  print(f'{source.name} [{args.split}]: {source.num_videos} videos, {source.num_classes} classes; '
+        f'{cores} cores; batch {args.batch_size}, clip {args.clip_length}x{args.size}^2 '
+        f'(stride {args.stride})', flush=True)
+  results = {}
+  if args.skip != 'train':
+    train = pipeline.train_dataset(
+        source, batch_size=args.batch_size, clip_length=args.clip_length, stride=args.stride,
+        size=args.size, crop=args.crop, colour_jitter=args.colour_jitter, process_index=0,
+        shuffle_buffer=min(256, source.num_videos)).with_options(options)
+    results['train'] = _time(train, args.batches, args.warmup_batches, 'train')
+  if args.skip != 'eval':
+    eval_size = args.eval_size or args.size
+    data = pipeline.eval_dataset(
+        source, batch_size=args.batch_size, clip_length=args.clip_length, stride=args.stride,
+        size=eval_size, num_clips=args.num_clips, num_crops=args.num_crops, process_index=0)
+    batches = min(args.batches, data.num_batches - args.warmup_batches)
+    if batches < 1:
+      print(f'eval: only {data.num_batches} batches in the split; not timed', file=sys.stderr)
+    else:
+      results['eval'] = _time(data.dataset.with_options(options), batches,
+                              args.warmup_batches, f'eval {args.num_clips}x{args.num_crops} views')
+  for name, (clips, seconds) in results.items():
+    rate = clips / seconds
+    print(f'{name:5s} {rate:8.1f} clips/s  {rate / cores:7.1f} clips/s/core  '
+          f'({clips} clips in {seconds:.1f} s, {cores} cores)')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
