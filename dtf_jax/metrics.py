@@ -1,0 +1,101 @@
+"""Video-level evaluation on the host: views -> per-video scores -> metrics and report files.
+
+Scores are softmax probabilities of single views ``V C``; a video's score is the mean over its
+views (the paper's protocol). Files written by ``write_eval_report`` (atomically):
+  eval_results.json      metrics, step, number of videos and views
+  predictions.jsonl      one line per video: id, label, label name, top-5 classes, names, scores
+  confusion_matrix.png   row-normalised confusion matrix (rows: true class)
+"""
+
+import json
+import os
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+
+
+def aggregate_views(scores: np.ndarray, video_index: np.ndarray, num_videos: int):
+  """``V C`` view scores with their video index ``V`` -> ``(num_videos C mean, num_videos counts)``.
+
+  Views with a negative index (padding) are ignored."""
+  scores = np.asarray(scores, np.float64)
+  video_index = np.asarray(video_index)
+  keep = video_index >= 0
+  if np.any(video_index[keep] >= num_videos):
+    raise ValueError(f'video index {video_index.max()} >= number of videos {num_videos}')
+  sums = np.zeros((num_videos, scores.shape[1]))
+  np.add.at(sums, video_index[keep], scores[keep])
+  counts = np.bincount(video_index[keep], minlength=num_videos)
+  return sums / np.maximum(counts, 1)[:, None], counts
+
+
+def classification_metrics(video_scores: np.ndarray, labels: np.ndarray) -> Dict[str, float]:
+  """``N C`` scores and ``N`` labels -> top-1, top-5, mean class accuracy (classes present)."""
+  labels = np.asarray(labels)
+  order = np.argsort(-video_scores, axis=1, kind='stable')
+  top1 = order[:, 0] == labels
+  top5 = np.any(order[:, :5] == labels[:, None], axis=1)
+  present = np.unique(labels)
+  per_class = [np.mean(top1[labels == c]) for c in present]
+  return {'top1': float(np.mean(top1)), 'top5': float(np.mean(top5)),
+          'mean_class_accuracy': float(np.mean(per_class)), 'num_videos': int(len(labels))}
+
+
+def confusion_matrix(predictions: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+  """``C C`` counts, rows = true class, columns = predicted class."""
+  matrix = np.zeros((num_classes, num_classes), np.int64)
+  np.add.at(matrix, (np.asarray(labels), np.asarray(predictions)), 1)
+  return matrix
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+  tmp = path + '.tmp'
+  with open(tmp, 'wb') as f:
+    f.write(data)
+  os.replace(tmp, path)
+
+
+def plot_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], path: str) -> None:
+  """Saves the row-normalised ``matrix`` as a PNG (class names on the axes up to 50 classes)."""
+  import io  # pylint: disable=import-outside-toplevel
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  rates = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+  n = len(class_names)
+  side = min(4 + 0.25 * n, 30)
+  fig, ax = plt.subplots(figsize=(side, side))
+  image = ax.imshow(rates, cmap='Blues', vmin=0, vmax=1, interpolation='nearest')
+  fig.colorbar(image, ax=ax, fraction=0.046)
+  ax.set_xlabel('predicted')
+  ax.set_ylabel('true')
+  if n <= 50:
+    ax.set_xticks(range(n), class_names, rotation=90, fontsize=7)
+    ax.set_yticks(range(n), class_names, fontsize=7)
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format='png', dpi=100, bbox_inches='tight')
+  plt.close(fig)
+  _atomic_write(path, buffer.getvalue())
+
+
+def write_eval_report(directory: str, video_scores: np.ndarray, labels: np.ndarray,
+                      video_ids: Sequence[str], class_names: Sequence[str],
+                      extra: Optional[dict] = None) -> Dict[str, float]:
+  """Computes the metrics of ``N C`` video scores and writes the three report files."""
+  os.makedirs(directory, exist_ok=True)
+  metrics = classification_metrics(video_scores, labels)
+  results = dict(metrics, **(extra or {}))
+  _atomic_write(os.path.join(directory, 'eval_results.json'),
+                json.dumps(results, indent=2).encode())
+  order = np.argsort(-video_scores, axis=1, kind='stable')[:, :5]
+  lines = []
+  for i, video_id in enumerate(video_ids):
+    top = order[i]
+    lines.append(json.dumps({
+        'id': video_id, 'label': int(labels[i]), 'label_name': class_names[labels[i]],
+        'top5': [int(c) for c in top], 'top5_names': [class_names[c] for c in top],
+        'top5_scores': [round(float(video_scores[i, c]), 6) for c in top]}))
+  _atomic_write(os.path.join(directory, 'predictions.jsonl'), ('\n'.join(lines) + '\n').encode())
+  plot_confusion_matrix(confusion_matrix(order[:, 0], labels, len(class_names)), class_names,
+                        os.path.join(directory, 'confusion_matrix.png'))
+  return metrics

@@ -1,0 +1,625 @@
+"""Training and evaluation on a device mesh: one config-driven loop (fields: ``configs/base.py``).
+
+    state = train(config, workdir)              # --mode=train (resumes from workdir if it can)
+    results = evaluate_checkpoint(config, workdir)   # --mode=eval
+
+Mesh ``('data', 'fsdp')``: batches are split over all devices; parameters and optimizer state are
+replicated, or with ``mesh.fsdp > 1`` sharded along their largest dimension divisible by it. Host
+batches become global arrays with ``jax.make_array_from_process_local_data``; the step is jitted
+with the state donated. Batch-norm statistics are those of the global (micro-)batch.
+
+Checkpoints (``workdir/checkpoints``, orbax): params, optimizer state, batch stats, step, rng and
+the input position; the last ``keep_checkpoints`` plus the best by eval top-1. A restart resumes
+from the latest one and continues the same data stream; SIGTERM saves and exits cleanly.
+"""
+
+import dataclasses
+import functools
+import os
+import signal
+import time
+from typing import Any, Dict, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import struct
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from dtf_jax.data import pipeline  # before clu: hides accelerators from TensorFlow
+from dtf_jax import metrics as metrics_lib
+from dtf_jax.models import create_model, list_models
+from dtf_jax.models.swin import SwinTransformer
+
+from clu import metric_writers, parameter_overview, periodic_actions  # noqa: E402  pylint: disable=g-bad-import-order
+
+BATCH_AXES = ('data', 'fsdp')
+CHECKPOINT_DIR = 'checkpoints'
+FSDP_MIN_SIZE = 2 ** 12  # smaller arrays stay replicated under fsdp
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def log(message: str) -> None:
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Config, mesh, model.
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ``ValueError`` naming the field for a bad value (before anything heavy starts)."""
+  def check(ok, field, message):
+    if not ok:
+      raise ValueError(f'config.{field}: {message}')
+  check(config.model.name in list_models(), 'model.name',
+        f'{config.model.name!r} is not one of {list_models()}')
+  check(config.compute_dtype in ('float32', 'bfloat16'), 'compute_dtype',
+        f"{config.compute_dtype!r} must be 'float32' or 'bfloat16'")
+  check(config.optimizer.name in ('sgd', 'adamw'), 'optimizer.name',
+        f"{config.optimizer.name!r} must be 'sgd' or 'adamw'")
+  check(config.data.dataset.startswith(('tfrecord:', 'tfds:')), 'data.dataset',
+        f"{config.data.dataset!r} must be 'tfrecord:DIR' or 'tfds:NAME'")
+  check(config.data.crop in pipeline.TRAIN_CROPS, 'data.crop', f'must be in {pipeline.TRAIN_CROPS}')
+  check(config.data.flip in pipeline.FLIP_MODES, 'data.flip', f'must be in {pipeline.FLIP_MODES}')
+  check(config.data.num_crops in (1, 3), 'data.num_crops', 'must be 1 or 3')
+  for field in ('batch_size', 'grad_accum_steps', 'mesh.fsdp', 'eval_batch_size',
+                'data.clip_length', 'data.size', 'data.eval_size', 'data.num_clips'):
+    value = config[field.split('.')[0]] if '.' not in field else config[field.split('.')[0]][
+        field.split('.')[1]]
+    check(isinstance(value, int) and value >= 1, field, f'must be a positive int, got {value!r}')
+  check(config.batch_size % config.grad_accum_steps == 0, 'grad_accum_steps',
+        f'{config.grad_accum_steps} does not divide batch_size {config.batch_size}')
+  check(config.num_epochs > 0 or config.total_steps > 0, 'num_epochs',
+        'num_epochs or total_steps must be > 0')
+
+
+def make_mesh(fsdp: int = 1) -> jax.sharding.Mesh:
+  n = jax.device_count()
+  if n % fsdp:
+    raise ValueError(f'config.mesh.fsdp={fsdp} does not divide the {n} devices')
+  return jax.make_mesh((n // fsdp, fsdp), BATCH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def param_spec(shape: Tuple[int, ...], fsdp: int) -> P:
+  """Shards the largest dimension divisible by ``fsdp`` over the 'fsdp' axis (big arrays only)."""
+  if fsdp == 1 or int(np.prod(shape)) < FSDP_MIN_SIZE:
+    return P()
+  for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+    if shape[dim] % fsdp == 0:
+      return P(*[None] * dim, 'fsdp')
+  return P()
+
+
+def model_kwargs(config: ml_collections.ConfigDict, num_classes: int) -> Dict[str, Any]:
+  kwargs = {k: v for k, v in config.model.items() if k != 'name'}
+  kwargs.update(num_classes=num_classes, clip_length=config.data.clip_length,
+                dtype=jnp.dtype(config.compute_dtype))
+  if config.model.name.split('_')[1] == 'swin' and 'image_size' not in kwargs:
+    kwargs['image_size'] = config.data.size
+  return kwargs
+
+
+def build_model(config, num_classes):
+  return create_model(config.model.name, **model_kwargs(config, num_classes))
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimisation.
+
+
+@struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+def lr_schedule(config, total_steps: int, steps_per_epoch: int) -> optax.Schedule:
+  """Linear warm-up from peak/100, then cosine to ``lr.end``; peak scaled with the batch size."""
+  peak = config.lr.base * config.batch_size / config.lr.base_batch
+  warmup = min(int(round(config.lr.warmup_epochs * steps_per_epoch)), total_steps - 1)
+  return optax.warmup_cosine_decay_schedule(peak / 100, peak, max(warmup, 0), total_steps,
+                                            end_value=config.lr.end)
+
+
+def make_optimizer(config, schedule) -> optax.GradientTransformation:
+  opt = config.optimizer
+  parts = [optax.clip_by_global_norm(opt.grad_clip_norm)] if opt.grad_clip_norm > 0 else []
+  if opt.name == 'sgd':  # PyTorch SGD: weight decay added to the gradient, then momentum.
+    parts += [optax.add_decayed_weights(opt.weight_decay),
+              optax.sgd(schedule, momentum=opt.momentum or None, nesterov=opt.nesterov)]
+  else:
+    parts.append(optax.adamw(schedule, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay))
+  return optax.chain(*parts)
+
+
+def cross_entropy(logits, labels, smoothing: float = 0.0):
+  """Per-example softmax cross-entropy ``B`` with label smoothing."""
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
+  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def make_train_step(model, tx, schedule, config, state_sharding, batch_sharding):
+  """Jitted ``(state, batch) -> (state, metrics)`` with the state donated."""
+  accum = config.grad_accum_steps
+  smoothing = config.label_smoothing
+
+  def micro_step(params, batch_stats, batch, rng):
+    def loss_fn(params):
+      logits, updates = model.apply({'params': params, 'batch_stats': batch_stats},
+                                    batch['video'], train=True, mutable=['batch_stats'],
+                                    rngs={'dropout': rng})
+      return cross_entropy(logits, batch['label'], smoothing).mean(), (logits, updates)
+    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    correct = jnp.sum(jnp.argmax(logits, -1) == batch['label'])
+    return grads, updates['batch_stats'], loss, correct
+
+  def step_fn(state, batch):
+    rng = jax.random.fold_in(state.rng, state.step)
+    if accum == 1:
+      grads, batch_stats, loss, correct = micro_step(state.params, state.batch_stats, batch, rng)
+    else:  # Micro-batch i holds examples i, i + accum, ... (each device keeps its rows).
+      micro = jax.tree.map(
+          lambda x: jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1),
+          batch)
+
+      def body(carry, xs):
+        grads_sum, batch_stats, loss_sum, correct_sum = carry
+        mb, i = xs
+        mb = jax.lax.with_sharding_constraint(mb, batch_sharding)
+        g, batch_stats, loss, correct = micro_step(state.params, batch_stats, mb,
+                                                   jax.random.fold_in(rng, i))
+        return (jax.tree.map(jnp.add, grads_sum, g), batch_stats, loss_sum + loss,
+                correct_sum + correct), None
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      (grads, batch_stats, loss, correct), _ = jax.lax.scan(
+          body, (zeros, state.batch_stats, 0.0, 0), (micro, jnp.arange(accum)))
+      grads = jax.tree.map(lambda g: g / accum, grads)
+      loss = loss / accum
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {'loss': loss, 'accuracy': correct / batch['label'].shape[0],
+               'grad_norm': optax.global_norm(grads), 'lr': schedule(state.step)}
+    return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                         opt_state=opt_state), metrics
+
+  replicated = NamedSharding(batch_sharding.mesh, P())
+  return jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding),
+                 out_shardings=(state_sharding, replicated), donate_argnums=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# State creation, checkpoints, initialisation from pretrained weights.
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything derived from the config: model, data sources, schedule, shardings."""
+  config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  model: Any
+  train_source: Optional[pipeline.VideoSource]
+  total_steps: int
+  steps_per_epoch: int
+  schedule: optax.Schedule
+  tx: optax.GradientTransformation
+  abstract_state: TrainState
+  state_sharding: Any
+  batch_sharding: NamedSharding
+
+  init_fn: Any  # rng -> TrainState
+
+  def init_state(self) -> TrainState:
+    return jax.jit(self.init_fn, out_shardings=self.state_sharding)(
+        jax.random.PRNGKey(self.config.seed))
+
+
+def setup(config: ml_collections.ConfigDict, with_train_data: bool = True) -> Setup:
+  validate_config(config)
+  mesh = make_mesh(config.mesh.fsdp)
+  if config.batch_size % jax.device_count():
+    raise ValueError(f'config.batch_size={config.batch_size} is not divisible by the '
+                     f'{jax.device_count()} devices')
+  if (config.batch_size // config.grad_accum_steps) % jax.device_count():
+    raise ValueError(f'micro-batch {config.batch_size // config.grad_accum_steps} '
+                     f'(batch_size / grad_accum_steps) is not divisible by the '
+                     f'{jax.device_count()} devices')
+  train_source = None
+  steps_per_epoch = 1
+  if with_train_data:
+    train_source = pipeline.make_source(config.data.dataset, config.data.train_split,
+                                        config.data.data_dir or None, jax.process_count())
+    _check_classes(config, train_source)
+    steps_per_epoch = max(train_source.num_videos // config.batch_size, 1)
+  total_steps = config.total_steps or int(config.num_epochs * steps_per_epoch)
+  model = build_model(config, config.data.num_classes)
+  schedule = lr_schedule(config, total_steps, steps_per_epoch)
+  tx = make_optimizer(config, schedule)
+  shape = (1, config.data.clip_length, config.data.size, config.data.size, 3)
+
+  def init(rng):
+    init_rng, state_rng = jax.random.split(rng)
+    variables = model.init(init_rng, jnp.zeros(shape, jnp.float32), train=False)
+    return TrainState(step=jnp.array(0, jnp.int32), params=variables['params'],
+                      batch_stats=variables.get('batch_stats', {}),
+                      opt_state=tx.init(variables['params']), rng=state_rng)
+  abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+  state_sharding = jax.tree.map(
+      lambda x: NamedSharding(mesh, param_spec(x.shape, config.mesh.fsdp)), abstract)
+  batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
+  return Setup(config, mesh, model, train_source, total_steps, steps_per_epoch, schedule, tx,
+               abstract, state_sharding, batch_sharding, init)
+
+
+def _check_classes(config, source: pipeline.VideoSource) -> None:
+  if source.num_classes != config.data.num_classes:
+    raise ValueError(f'config.data.num_classes={config.data.num_classes} but {source.name} '
+                     f'[{source.split}] has {source.num_classes} classes')
+
+
+def checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
+  """Keeps the last ``keep`` checkpoints and the best one by eval top-1."""
+  policy = ocp.checkpoint_managers.AnyPreservationPolicy([
+      ocp.checkpoint_managers.LatestN(keep),
+      ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m['top1'], n=1,
+                                    keep_checkpoints_without_metrics=False)])
+  options = ocp.CheckpointManagerOptions(preservation_policy=policy,
+                                         enable_async_checkpointing=False)
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
+                               options=options, item_names=('state', 'progress'))
+
+
+def save_checkpoint(manager, state: TrainState, progress: dict, metrics=None) -> None:
+  step = int(progress['step'])
+  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                             progress=ocp.args.JsonSave(progress)),
+               metrics=metrics, force=True)
+  manager.wait_until_finished()
+
+
+def restore_checkpoint(manager, step: int, s: Setup) -> Tuple[TrainState, dict]:
+  """Restores onto this run's mesh and shardings (any device count)."""
+  target = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                        s.abstract_state, s.state_sharding)
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(target), progress=ocp.args.JsonRestore()))
+  return restored.state, restored.progress
+
+
+def _flat(tree):
+  return {'/'.join(str(getattr(k, 'key', k)) for k in path): v
+          for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def init_from(state: TrainState, path: str, s: Setup) -> TrainState:
+  """Params and batch stats from a pretrained dir (``meta.json``) or a workdir's latest checkpoint.
+
+  Arrays of the classifier (``head``) with another shape (another number of classes) keep their
+  fresh initialisation; any other mismatch is an error naming the arrays."""
+  if os.path.exists(os.path.join(path, 'meta.json')):
+    from dtf_jax.pretrained import load_pretrained  # pylint: disable=import-outside-toplevel
+    _, variables = load_pretrained(path)
+    loaded = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
+  elif os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):
+    with ocp.CheckpointManager(os.path.join(os.path.abspath(path), CHECKPOINT_DIR),
+                               item_names=('state', 'progress')) as manager:
+      step = manager.latest_step()
+      if step is None:
+        raise FileNotFoundError(f'init_from: no checkpoint in {path}/{CHECKPOINT_DIR}')
+      restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    loaded = {'params': restored.state['params'], 'batch_stats': restored.state['batch_stats']}
+  else:
+    raise FileNotFoundError(f'init_from={path!r}: neither a pretrained dir (meta.json) nor a '
+                            f'workdir with {CHECKPOINT_DIR}/')
+  current = {'params': state.params, 'batch_stats': state.batch_stats}
+  want, have = _flat(current), _flat(loaded)
+  missing = sorted(set(want) - set(have))
+  unexpected = sorted(set(have) - set(want))
+  reinit = sorted(k for k in set(want) & set(have)
+                  if np.shape(want[k]) != np.shape(have[k]) and k.split('/')[1] == 'head')
+  mismatched = sorted(f'{k}: checkpoint {np.shape(have[k])} vs model {np.shape(want[k])}'
+                      for k in set(want) & set(have)
+                      if np.shape(want[k]) != np.shape(have[k]) and k not in reinit)
+  if missing or unexpected or mismatched:
+    raise ValueError(f'init_from {path}: missing {missing[:10]}, unexpected {unexpected[:10]}, '
+                     f'shape mismatch {mismatched[:10]}')
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(current)
+  new = []
+  for (p, old) in leaves:
+    key = '/'.join(str(getattr(k, 'key', k)) for k in p)
+    new.append(old if key in reinit else jax.device_put(np.asarray(have[key], old.dtype),
+                                                        old.sharding))
+  merged = jax.tree_util.tree_unflatten(treedef, new)
+  if reinit:
+    log(f'init_from {path}: classifier re-initialised ({", ".join(reinit)})')
+  log(f'init_from {path}: loaded {len(want) - len(reinit)} arrays')
+  params = merged['params']
+  return state.replace(params=params, batch_stats=merged['batch_stats'],
+                       opt_state=jax.jit(s.tx.init, out_shardings=s.state_sharding.opt_state)(
+                           params))
+
+
+# ---------------------------------------------------------------------------------------------
+# Data on the mesh.
+
+
+def to_global(batch: Dict[str, np.ndarray], sharding: NamedSharding, keys=('video', 'label')):
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k])) for k in keys}
+
+
+def host_local(array: jax.Array, mesh) -> np.ndarray:
+  """The rows of a batch-sharded global array that this process fed in."""
+  return np.asarray(multihost_utils.global_array_to_host_local_array(array, mesh, P(BATCH_AXES)))
+
+
+def train_data(config, s: Setup, start_index: int):
+  per_host = config.batch_size // jax.process_count()
+  return pipeline.train_dataset(
+      s.train_source, batch_size=per_host, clip_length=config.data.clip_length,
+      stride=config.data.stride, size=config.data.size, crop=config.data.crop,
+      scale_range=tuple(config.data.scale_range), area_range=tuple(config.data.area_range),
+      flip=config.data.flip, flip_pairs=tuple(map(tuple, config.data.flip_pairs)),
+      colour_jitter=config.data.colour_jitter,
+      shuffle_buffer=config.data.shuffle_buffer, seed=config.seed, start_index=start_index,
+      process_index=jax.process_index())
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation.
+
+
+def evaluate(config, s: Setup, state: TrainState, step: int, workdir: str,
+             writer=None) -> Dict[str, float]:
+  """Multi-view evaluation of ``state`` on ``data.eval_split``; writes the report files under
+  ``workdir/eval_step{step}`` (process 0) and returns top-1, top-5 and mean class accuracy."""
+  source = pipeline.make_source(config.data.dataset, config.data.eval_split,
+                                config.data.data_dir or None, jax.process_count())
+  _check_classes(config, source)
+  if config.eval_batch_size % jax.device_count():
+    raise ValueError(f'config.eval_batch_size={config.eval_batch_size} is not divisible by the '
+                     f'{jax.device_count()} devices')
+  per_host = config.eval_batch_size // jax.process_count()
+  data = pipeline.eval_dataset(
+      source, batch_size=per_host, clip_length=config.data.clip_length, stride=config.data.stride,
+      size=config.data.eval_size, num_clips=config.data.num_clips,
+      num_crops=config.data.num_crops, process_index=jax.process_index())
+  model = s.model
+  if isinstance(model, SwinTransformer):  # attention masks follow the frame size
+    model = model.clone(image_size=config.data.eval_size)
+
+  @functools.partial(jax.jit, out_shardings=s.batch_sharding)
+  def predict(variables, video):
+    return jax.nn.softmax(model.apply(variables, video, train=False).astype(jnp.float32))
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  scores, indices, labels, ids = [], [], [], {}
+  start = time.time()
+  for i, batch in enumerate(data.dataset.as_numpy_iterator()):
+    video = jax.make_array_from_process_local_data(s.batch_sharding, batch['video'])
+    local = host_local(predict(variables, video), s.mesh)
+    keep = batch['mask']
+    scores.append(local[keep])
+    indices.append(batch['video_index'][keep])
+    labels.append(batch['label'][keep])
+    ids.update(zip(batch['video_index'][keep].tolist(),
+                   (v.decode() for v in batch['video_id'][keep])))
+    if (i + 1) % 50 == 0 or i + 1 == data.num_batches:
+      log(f'eval: {i + 1}/{data.num_batches} batches ({time.time() - start:.0f} s)')
+  num_classes = config.data.num_classes
+  scores = np.concatenate(scores) if scores else np.zeros((0, num_classes), np.float32)
+  indices = np.concatenate(indices) if indices else np.zeros((0,), np.int64)
+  labels = np.concatenate(labels) if labels else np.zeros((0,), np.int32)
+  video_scores, counts, video_labels, video_ids = _gather_videos(
+      scores, indices, labels, ids, source)
+  if not np.all(counts == data.views_per_video):
+    raise RuntimeError(f'eval: views per video {np.unique(counts)}, expected '
+                       f'{data.views_per_video} for each of {source.num_videos} videos')
+  extra = {'step': step, 'num_views': int(counts.sum()), 'split': config.data.eval_split,
+           'views_per_video': data.views_per_video}
+  directory = os.path.join(workdir, f'eval_step{step}')
+  if jax.process_index() == 0:
+    results = metrics_lib.write_eval_report(directory, video_scores, video_labels, video_ids,
+                                            source.class_names, extra)
+  else:
+    results = metrics_lib.classification_metrics(video_scores, video_labels)
+  if writer is not None:
+    writer.write_scalars(step, {f'eval/{k}': v for k, v in results.items()})
+  log(f'eval step {step}: top1 {results["top1"]:.4f} top5 {results["top5"]:.4f} mean class '
+      f'{results["mean_class_accuracy"]:.4f} ({source.num_videos} videos x '
+      f'{data.views_per_video} views) -> {directory}')
+  return results
+
+
+ID_BYTES = 256
+
+
+def _gather_videos(scores, indices, labels, ids, source):
+  """This host's view scores -> all videos' mean scores, counts, labels and ids (every host)."""
+  num_videos, num_classes = source.num_videos, scores.shape[1]
+  local_index = np.array(sorted(ids), np.int64)
+  sums, counts = np.zeros((len(local_index), num_classes)), np.zeros(len(local_index), np.int64)
+  position = {v: i for i, v in enumerate(local_index)}
+  rows = np.array([position[v] for v in indices], np.int64)
+  np.add.at(sums, rows, scores)
+  np.add.at(counts, rows, 1)
+  video_labels = np.zeros(len(local_index), np.int64)
+  video_labels[rows] = labels
+  id_bytes = np.zeros((len(local_index), ID_BYTES), np.uint8)
+  for i, v in enumerate(local_index):
+    raw = ids[v].encode()[:ID_BYTES]
+    id_bytes[i, :len(raw)] = np.frombuffer(raw, np.uint8)
+  if jax.process_count() > 1:  # Pad to the largest host, gather, drop the padding.
+    size = max(source.host_sizes)
+    pad = size - len(local_index)
+    parts = [np.pad(local_index, (0, pad), constant_values=-1), np.pad(sums, ((0, pad), (0, 0))),
+             np.pad(counts, (0, pad)), np.pad(video_labels, (0, pad)),
+             np.pad(id_bytes, ((0, pad), (0, 0)))]
+    parts = [np.asarray(x).reshape(-1, *x.shape[2:])
+             for x in multihost_utils.process_allgather(parts)]
+    keep = parts[0] >= 0
+    local_index, sums, counts, video_labels, id_bytes = (x[keep] for x in parts)
+  order = np.argsort(local_index)
+  all_counts = np.zeros(num_videos, np.int64)
+  all_counts[local_index] = counts
+  if len(local_index) != num_videos or not np.array_equal(local_index[order],
+                                                          np.arange(num_videos)):
+    raise RuntimeError(f'eval: got {len(local_index)} of {num_videos} videos')
+  video_scores = sums[order] / np.maximum(counts[order], 1)[:, None]
+  video_ids = [bytes(b).rstrip(b'\0').decode() for b in id_bytes[order]]
+  return video_scores, all_counts, video_labels[order], video_ids
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag read at step boundaries."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    def handler(signum, frame):
+      del signum, frame
+      self.requested = True
+    try:
+      self._previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+      self._previous = None
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def reached(self, manager, step: int, every: int) -> bool:
+    """This process got SIGTERM; with several processes, checked every ``every`` steps (all
+    processes agree through a collective, and orbax's preemption notice is honoured)."""
+    if jax.process_count() == 1:
+      return self.requested
+    if step % every:
+      return False
+    flag = multihost_utils.process_allgather(np.array(self.requested)).any()
+    return bool(flag) or manager.reached_preemption(step)
+
+
+def write_config(config, workdir: str) -> None:
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, 'config.json')
+    with open(path + '.tmp', 'w') as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    os.replace(path + '.tmp', path)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, with_eval: bool = False,
+          stop_after: Optional[int] = None):
+  """Trains (resuming from the latest checkpoint in ``workdir``); returns the final state and,
+  with ``with_eval``, the last eval results. ``stop_after``: save and return after that many
+  steps of this call (a time-limited job; the next call resumes)."""
+  s = setup(config)
+  write_config(config, workdir)
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  manager = checkpoint_manager(workdir, config.keep_checkpoints)
+  state, progress = None, {'step': 0, 'data_index': 0}
+  latest = manager.latest_step()
+  if latest is not None:
+    state, progress = restore_checkpoint(manager, latest, s)
+    log(f'resumed from {manager.directory}/{latest} (input position {progress["data_index"]})')
+  else:
+    state = s.init_state()
+    if config.init_from:
+      state = init_from(state, config.init_from, s)
+  if jax.process_index() == 0:
+    parameter_overview.log_parameter_overview(state.params)
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+  log(f'{config.model.name}: {num_params:,} parameters; mesh {dict(s.mesh.shape)}; '
+      f'{s.total_steps} steps ({s.steps_per_epoch} per epoch), global batch {config.batch_size}')
+  train_step = make_train_step(s.model, s.tx, s.schedule, config, s.state_sharding,
+                               s.batch_sharding)
+  per_host = config.batch_size // jax.process_count()
+  step = int(progress['step'])
+  data_index = int(progress['data_index'])
+  batches = iter(train_data(config, s, data_index))
+  report = periodic_actions.ReportProgress(num_train_steps=s.total_steps, writer=writer)
+  eval_results = None
+  window, window_start = [], time.time()  # metrics of the steps since the last log
+  pending = None  # (step, metrics) whose loss is checked while the next step runs
+
+  def check_finite(step_done, m):
+    loss = float(m['loss'])
+    if not np.isfinite(loss):
+      raise NonFiniteLossError(f'loss is {loss} at step {step_done}; stopping. The last good '
+                               f'checkpoint is {manager.latest_step()} in {manager.directory}')
+    return m
+
+  end = s.total_steps if stop_after is None else min(s.total_steps, step + stop_after)
+  with _Preemption() as preemption:
+    while step < end:
+      state, m = train_step(state, to_global(next(batches), s.batch_sharding))
+      step += 1
+      data_index += per_host
+      if pending is not None:
+        window.append(check_finite(*pending))
+      pending = (step, m)
+      report(step)
+      last = step == end
+      log_now = step % config.log_every_steps == 0 or last
+      eval_now = with_eval and (step == s.total_steps or (
+          config.eval_every_steps > 0 and step % config.eval_every_steps == 0))
+      preempted = preemption.reached(manager, step, config.log_every_steps) and not last
+      save_now = eval_now or preempted or last or step % config.checkpoint_every_steps == 0
+      if log_now or save_now:
+        window.append(check_finite(*pending))
+        pending = None
+      if log_now:
+        summary = {f'train/{k}': float(np.mean([float(w[k]) for w in window])) for k in window[0]}
+        summary['train/clips_per_second'] = (len(window) * config.batch_size /
+                                             (time.time() - window_start))
+        writer.write_scalars(step, summary)
+        window, window_start = [], time.time()
+      paused = time.time()
+      if eval_now:
+        eval_results = evaluate(config, s, state, step, workdir, writer)
+      if save_now:
+        save_checkpoint(manager, state, {'step': step, 'data_index': data_index},
+                        {'top1': eval_results['top1']} if eval_now else None)
+      window_start += time.time() - paused  # clips/s counts training time only
+      if preempted:
+        log(f'SIGTERM: saved step {step} in {manager.directory}; exiting')
+        break
+  writer.flush()
+  manager.close()
+  return state, eval_results
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
+  """``--mode=eval``: the latest (or ``eval_checkpoint_step``) checkpoint of ``workdir``."""
+  s = setup(config, with_train_data=False)
+  manager = checkpoint_manager(workdir, config.keep_checkpoints)
+  step = manager.latest_step() if config.eval_checkpoint_step < 0 else config.eval_checkpoint_step
+  if step is None:
+    raise FileNotFoundError(f'no checkpoint in {manager.directory}')
+  if step not in manager.all_steps():
+    raise FileNotFoundError(f'no checkpoint for step {step} in {manager.directory} '
+                            f'(steps: {list(manager.all_steps())})')
+  state, _ = restore_checkpoint(manager, step, s)
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  results = evaluate(config, s, state, step, workdir, writer)
+  writer.flush()
+  manager.close()
+  return results
+
