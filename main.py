@@ -44,10 +44,10 @@ def main(argv):
   config = FLAGS.config
   import jax  # pylint: disable=import-outside-toplevel
   if config.distributed.initialize:
-    kwargs = {k: v for k, v in (('coordinator_address', config.distributed.coordinator_address),
-                                ('num_processes', config.distributed.num_processes),
-                                ('process_id', config.distributed.process_id))
-              if v not in ('', 0, -1)}
+    kwargs = {k: v for k, v, unset in (
+        ('coordinator_address', config.distributed.coordinator_address, ''),
+        ('num_processes', config.distributed.num_processes, 0),
+        ('process_id', config.distributed.process_id, -1)) if v != unset}
     if config.distributed.cpu_collectives:
       jax.config.update('jax_cpu_collectives_implementation', config.distributed.cpu_collectives)
     jax.distributed.initialize(**kwargs)

@@ -29,7 +29,10 @@ def parse_arg(arg, **defaults):
   for part in filter(None, (arg or '').split(',')):
     key, eq, value = part.partition('=')
     if not eq:
-      key, value = ('dataset', part) if part in DATASETS else ('frames', part)
+      if not (part.isdigit() or part in DATASETS):
+        raise ValueError(f'config argument {arg!r}: {part!r} is neither a frame count nor a '
+                         f'dataset ({", ".join(sorted(DATASETS))})')
+      key, value = ('frames', part) if part.isdigit() else ('dataset', part)
     if key not in out:
       raise ValueError(f'config argument {arg!r}: unknown key {key!r} (keys: {sorted(out)})')
     out[key] = int(value) if value.isdigit() else value
@@ -110,4 +113,31 @@ def get_base_config(dataset: str = 'k400') -> ml_collections.ConfigDict:
   c.distributed.num_processes = 0
   c.distributed.process_id = -1
   c.distributed.cpu_collectives = ''  # 'gloo' for multi-process runs on CPU
+  return c
+
+
+def resnet_config(model: str, arg=None) -> ml_collections.ConfigDict:
+  """DTF-Net / C2D ResNet recipe: SGD lr 0.04 at batch 256, 224² train crops, 256² eval views.
+
+  ``arg``: frames and dataset, e.g. ``'32'``, ``'16,ssv2'`` (defaults 16, k400)."""
+  a = parse_arg(arg, frames=16, dataset='k400')
+  c = get_base_config(a['dataset'])
+  c.model.name = model
+  c.data.clip_length = a['frames']
+  c.data.eval_size = 256
+  c.lr.base = 0.04
+  return c
+
+
+def swin_config(model: str, arg=None) -> ml_collections.ConfigDict:
+  """DTF-Transformer / C2D Swin recipe: SGD lr 0.01 at batch 256, 224² crops (train and eval),
+  4 clips x 3 crops on Kinetics. ``arg``: frames and dataset (defaults 64, k400)."""
+  a = parse_arg(arg, frames=64, dataset='k400')
+  c = get_base_config(a['dataset'])
+  c.model.name = model
+  c.data.clip_length = a['frames']
+  c.data.eval_size = 224           # Swin's windows are laid out for 224² frames
+  if a['dataset'] == 'k400':
+    c.data.num_clips = 4
+  c.lr.base = 0.01
   return c

@@ -14,7 +14,8 @@ from configs import base
 
 
 def get_config(arg=None):
-  del arg
+  if arg:
+    raise ValueError(f'configs/quickstart.py takes no argument, got {arg!r}')
   c = base.get_base_config()
   c.model.name = 'dtf_r50'
   c.model.stage_sizes = (1, 1, 1, 1)  # one bottleneck per stage

@@ -106,9 +106,12 @@ def render_clip(label: int, rng: np.random.Generator, frames: int = 16,
 
   # Main object (forward direction: left, up, growing, clockwise).
   shape = SHAPES[rng.integers(len(SHAPES))]
-  aspect = rng.uniform(1.6, 2.5) if kind == 'rotation' else rng.uniform(1.0, 2.5)
+  # Rotating objects are larger and more elongated, so that their orientation stays visible
+  # at low resolution (the quickstart trains at 32x32).
+  aspect = rng.uniform(2.0, 3.0) if kind == 'rotation' else rng.uniform(1.0, 2.5)
   color = 255.0 - rng.uniform(0.0, 60.0, 3)  # bright, slightly tinted: every channel >= 195
-  radius = np.full(frames, rng.uniform(0.10, 0.16) * s)
+  radius_range = (0.14, 0.18) if kind == 'rotation' else (0.10, 0.16)
+  radius = np.full(frames, rng.uniform(*radius_range) * s)
   angle = np.full(frames, rng.uniform(0, 2 * np.pi))
   cx = np.full(frames, rng.uniform(0.3, 0.7) * s)
   cy = np.full(frames, rng.uniform(0.3, 0.7) * s)
