@@ -560,10 +560,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, with_eval: bool = Fal
   pending = None  # (step, metrics) whose loss is checked while the next step runs
 
   def check_finite(step_done, m):
-    loss = float(m['loss'])
-    if not np.isfinite(loss):
-      raise NonFiniteLossError(f'loss is {loss} at step {step_done}; stopping. The last good '
-                               f'checkpoint is {manager.latest_step()} in {manager.directory}')
+    # A finite loss with a non-finite gradient would still leave NaN parameters behind.
+    loss, grad_norm = float(m['loss']), float(m['grad_norm'])
+    if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+      raise NonFiniteLossError(
+          f'loss is {loss} (gradient norm {grad_norm}) at step {step_done}; stopping. The last '
+          f'good checkpoint is {manager.latest_step()} in {manager.directory}')
     return m
 
   end = s.total_steps if stop_after is None else min(s.total_steps, step + stop_after)

@@ -255,7 +255,8 @@ def _run_steps(dataset, tmp_path, name, devices, **overrides):
   out = str(tmp_path / f'{name}.npz')
   script = _STEPS_SCRIPT.format(repo=REPO, dataset=dataset, overrides=overrides, out=out,
                                 devices=devices)
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} '
+             '--xla_backend_optimization_level=0',
              JAX_PLATFORMS='cpu')
   proc = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=env, capture_output=True,
                         text=True, timeout=600)
