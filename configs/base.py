@@ -86,7 +86,7 @@ def get_base_config(dataset: str = 'k400') -> ml_collections.ConfigDict:
   c.optimizer.nesterov = False     # sgd (the official configs name it, their code never uses it)
   c.optimizer.b1 = 0.9             # adamw
   c.optimizer.b2 = 0.999           # adamw
-  c.optimizer.weight_decay = 1e-4  # on all parameters (sgd: added to the gradient; adamw: decoupled)
+  c.optimizer.weight_decay = 1e-4  # all parameters (sgd: added to the gradient; adamw: decoupled)
   c.optimizer.grad_clip_norm = 40.0  # global-norm clipping (0 = off)
   c.label_smoothing = 0.0
 
@@ -105,7 +105,7 @@ def get_base_config(dataset: str = 'k400') -> ml_collections.ConfigDict:
   c.eval_every_steps = 0           # train_and_eval: evaluate every N steps (0 = at the end only)
   c.eval_batch_size = 32           # global views per eval batch (chunks of the multi-view set)
   c.eval_checkpoint_step = -1      # --mode=eval: checkpoint step (-1 = latest)
-  c.init_from = ''                 # pretrained dir (convert_torch output) or a workdir to start from
+  c.init_from = ''                 # pretrained dir (convert_torch output) or a workdir to start at
 
   c.distributed = ml_collections.ConfigDict()
   c.distributed.initialize = False   # call jax.distributed.initialize() (multi-host)

@@ -2,7 +2,7 @@
 
     python main.py --config=configs/c2d_r50.py --workdir=...           # 16 frames, Kinetics-400
     python main.py --config=configs/c2d_r50.py:32 --workdir=...        # 32 frames (16, 32 or 64)
-    python main.py --config=configs/c2d_r50.py:16,ssv2 --workdir=...   # Something-Something V2 (ssv1)
+    python main.py --config=configs/c2d_r50.py:16,ssv2 --workdir=...   # Something-Something V2
 
 Kinetics-400: 128 epochs, random flip, 10 clips x 3 crops of 256² at eval. Something-Something:
 64 epochs, no flip (direction classes), 1 clip x 3 crops.

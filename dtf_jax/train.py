@@ -36,7 +36,7 @@ from dtf_jax import metrics as metrics_lib
 from dtf_jax.models import create_model, list_models
 from dtf_jax.models.swin import SwinTransformer
 
-from clu import metric_writers, parameter_overview, periodic_actions  # noqa: E402  pylint: disable=g-bad-import-order
+from clu import metric_writers, parameter_overview, periodic_actions  # noqa: E402
 
 BATCH_AXES = ('data', 'fsdp')
 CHECKPOINT_DIR = 'checkpoints'
@@ -74,8 +74,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   check(config.data.num_crops in (1, 3), 'data.num_crops', 'must be 1 or 3')
   for field in ('batch_size', 'grad_accum_steps', 'mesh.fsdp', 'eval_batch_size',
                 'data.clip_length', 'data.size', 'data.eval_size', 'data.num_clips'):
-    value = config[field.split('.')[0]] if '.' not in field else config[field.split('.')[0]][
-        field.split('.')[1]]
+    value = config
+    for part in field.split('.'):
+      value = value[part]
     check(isinstance(value, int) and value >= 1, field, f'must be a positive int, got {value!r}')
   check(config.batch_size % config.grad_accum_steps == 0, 'grad_accum_steps',
         f'{config.grad_accum_steps} does not divide batch_size {config.batch_size}')

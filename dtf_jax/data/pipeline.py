@@ -205,7 +205,8 @@ def train_dataset(source: VideoSource, *, batch_size: int, clip_length: int, str
     raise ValueError(f'process {process_index} has no {source.split} videos in {source.name}')
   label_table = (ops.flip_pairs_table(source.num_classes, flip_pairs)
                  if flip == 'swap_pairs' else None)
-  epochs_key, clips_key = tf.unstack(ops.split_seeds(tf.constant([seed, process_index], tf.int64), 2))
+  host_seed = tf.constant([seed, process_index], tf.int64)
+  epochs_key, clips_key = tf.unstack(ops.split_seeds(host_seed, 2))
 
   def epoch(e):
     epoch_seed = tf.random.experimental.stateless_fold_in(epochs_key, e)
