@@ -192,7 +192,7 @@ def make_train_step(model, tx, schedule, config, state_sharding, batch_sharding)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {'loss': loss, 'accuracy': correct / batch['label'].shape[0],
-               'grad_norm': optax.global_norm(grads), 'lr': schedule(state.step)}
+               'grad_norm': optax.tree.norm(grads), 'lr': schedule(state.step)}
     return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                          opt_state=opt_state), metrics
 
