@@ -27,13 +27,14 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import struct
+from flax import traverse_util
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dtf_jax.data import pipeline  # before clu: hides accelerators from TensorFlow
 from dtf_jax import metrics as metrics_lib
-from dtf_jax.models import create_model, list_models
+from dtf_jax.models import create_model, list_models, size_kwargs
 from dtf_jax.models.swin import SwinTransformer
 
 from clu import metric_writers, parameter_overview, periodic_actions  # noqa: E402
@@ -102,11 +103,10 @@ def param_spec(shape: Tuple[int, ...], fsdp: int) -> P:
 
 
 def model_kwargs(config: ml_collections.ConfigDict, num_classes: int) -> Dict[str, Any]:
-  kwargs = {k: v for k, v in config.model.items() if k != 'name'}
+  kwargs = size_kwargs(config.model.name, config.data.size)
+  kwargs.update({k: v for k, v in config.model.items() if k != 'name'})
   kwargs.update(num_classes=num_classes, clip_length=config.data.clip_length,
                 dtype=jnp.dtype(config.compute_dtype))
-  if config.model.name.split('_')[1] == 'swin' and 'image_size' not in kwargs:
-    kwargs['image_size'] = config.data.size
   return kwargs
 
 
@@ -219,7 +219,6 @@ class Setup:
   abstract_state: TrainState
   state_sharding: Any
   batch_sharding: NamedSharding
-
   init_fn: Any  # rng -> TrainState
 
   def init_state(self) -> TrainState:
@@ -299,11 +298,6 @@ def restore_checkpoint(manager, step: int, s: Setup) -> Tuple[TrainState, dict]:
   return restored.state, restored.progress
 
 
-def _flat(tree):
-  return {'/'.join(str(getattr(k, 'key', k)) for k in path): v
-          for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
 def init_from(state: TrainState, path: str, s: Setup) -> TrainState:
   """Params and batch stats from a pretrained dir (``meta.json``) or a workdir's latest checkpoint.
 
@@ -325,7 +319,8 @@ def init_from(state: TrainState, path: str, s: Setup) -> TrainState:
     raise FileNotFoundError(f'init_from={path!r}: neither a pretrained dir (meta.json) nor a '
                             f'workdir with {CHECKPOINT_DIR}/')
   current = {'params': state.params, 'batch_stats': state.batch_stats}
-  want, have = _flat(current), _flat(loaded)
+  want = traverse_util.flatten_dict(current, sep='/')
+  have = traverse_util.flatten_dict(loaded, sep='/')
   missing = sorted(set(want) - set(have))
   unexpected = sorted(set(have) - set(want))
   reinit = sorted(k for k in set(want) & set(have)
@@ -336,18 +331,14 @@ def init_from(state: TrainState, path: str, s: Setup) -> TrainState:
   if missing or unexpected or mismatched:
     raise ValueError(f'init_from {path}: missing {missing[:10]}, unexpected {unexpected[:10]}, '
                      f'shape mismatch {mismatched[:10]}')
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(current)
-  new = []
-  for (p, old) in leaves:
-    key = '/'.join(str(getattr(k, 'key', k)) for k in p)
-    new.append(old if key in reinit else jax.device_put(np.asarray(have[key], old.dtype),
-                                                        old.sharding))
-  merged = jax.tree_util.tree_unflatten(treedef, new)
+  merged = traverse_util.unflatten_dict(
+      {k: old if k in reinit else jax.device_put(np.asarray(have[k], old.dtype), old.sharding)
+       for k, old in want.items()}, sep='/')
   if reinit:
     log(f'init_from {path}: classifier re-initialised ({", ".join(reinit)})')
   log(f'init_from {path}: loaded {len(want) - len(reinit)} arrays')
   params = merged['params']
-  return state.replace(params=params, batch_stats=merged['batch_stats'],
+  return state.replace(params=params, batch_stats=merged.get('batch_stats', {}),
                        opt_state=jax.jit(s.tx.init, out_shardings=s.state_sharding.opt_state)(
                            params))
 
@@ -447,13 +438,11 @@ ID_BYTES = 256
 
 def _gather_videos(scores, indices, labels, ids, source):
   """This host's view scores -> all videos' mean scores, counts, labels and ids (every host)."""
-  num_videos, num_classes = source.num_videos, scores.shape[1]
+  num_videos = source.num_videos
   local_index = np.array(sorted(ids), np.int64)
-  sums, counts = np.zeros((len(local_index), num_classes)), np.zeros(len(local_index), np.int64)
   position = {v: i for i, v in enumerate(local_index)}
   rows = np.array([position[v] for v in indices], np.int64)
-  np.add.at(sums, rows, scores)
-  np.add.at(counts, rows, 1)
+  means, counts = metrics_lib.aggregate_views(scores, rows, len(local_index))
   video_labels = np.zeros(len(local_index), np.int64)
   video_labels[rows] = labels
   id_bytes = np.zeros((len(local_index), ID_BYTES), np.uint8)
@@ -463,22 +452,21 @@ def _gather_videos(scores, indices, labels, ids, source):
   if jax.process_count() > 1:  # Pad to the largest host, gather, drop the padding.
     size = max(source.host_sizes)
     pad = size - len(local_index)
-    parts = [np.pad(local_index, (0, pad), constant_values=-1), np.pad(sums, ((0, pad), (0, 0))),
+    parts = [np.pad(local_index, (0, pad), constant_values=-1), np.pad(means, ((0, pad), (0, 0))),
              np.pad(counts, (0, pad)), np.pad(video_labels, (0, pad)),
              np.pad(id_bytes, ((0, pad), (0, 0)))]
     parts = [np.asarray(x).reshape(-1, *x.shape[2:])
              for x in multihost_utils.process_allgather(parts)]
     keep = parts[0] >= 0
-    local_index, sums, counts, video_labels, id_bytes = (x[keep] for x in parts)
+    local_index, means, counts, video_labels, id_bytes = (x[keep] for x in parts)
   order = np.argsort(local_index)
   all_counts = np.zeros(num_videos, np.int64)
   all_counts[local_index] = counts
   if len(local_index) != num_videos or not np.array_equal(local_index[order],
                                                           np.arange(num_videos)):
     raise RuntimeError(f'eval: got {len(local_index)} of {num_videos} videos')
-  video_scores = sums[order] / np.maximum(counts[order], 1)[:, None]
   video_ids = [bytes(b).rstrip(b'\0').decode() for b in id_bytes[order]]
-  return video_scores, all_counts, video_labels[order], video_ids
+  return means[order], all_counts, video_labels[order], video_ids
 
 
 # ---------------------------------------------------------------------------------------------
@@ -535,7 +523,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, with_eval: bool = Fal
   write_config(config, workdir)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   manager = checkpoint_manager(workdir, config.keep_checkpoints)
-  state, progress = None, {'step': 0, 'data_index': 0}
+  progress = {'step': 0, 'data_index': 0}
   latest = manager.latest_step()
   if latest is not None:
     state, progress = restore_checkpoint(manager, latest, s)

@@ -40,6 +40,11 @@ def model_fields(cls: Callable) -> List[str]:
   return [f.name for f in dataclasses.fields(cls) if f.name not in ('parent', 'name')]
 
 
+def size_kwargs(name: str, size: int) -> Dict[str, Any]:
+  """Extra :func:`create_model` arguments that a frame size implies (Swin is built for it)."""
+  return {'image_size': size} if 'swin' in name else {}
+
+
 def create_model(name: str, *, num_classes: int, clip_length: int, **kwargs: Any) -> nn.Module:
   """Builds the Flax module ``name``; input ``B T H W 3`` float, output logits ``B num_classes``.
 

@@ -18,8 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dtf_jax.models import create_model, list_models
-from dtf_jax.tools.model_info import model_kwargs
+from dtf_jax.models import create_model, list_models, size_kwargs
 
 
 def parse_args(argv=None):
@@ -45,7 +44,7 @@ class ModelTimer:
   def __init__(self, name: str, args):
     self.name = name
     self.model = create_model(name, num_classes=args.num_classes, clip_length=args.clip_length,
-                              dtype=jnp.dtype(args.dtype), **model_kwargs(name, args.size))
+                              dtype=jnp.dtype(args.dtype), **size_kwargs(name, args.size))
     rng = np.random.default_rng(0)
     self.video = jnp.asarray(rng.standard_normal(
         (args.batch, args.clip_length, args.size, args.size, 3), dtype=np.float32))

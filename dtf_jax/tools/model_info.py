@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from dtf_jax import flops
-from dtf_jax.models import create_model, list_models
+from dtf_jax.models import create_model, list_models, size_kwargs
 
 
 def parse_args(argv=None):
@@ -39,11 +39,6 @@ def parse_args(argv=None):
   return parser.parse_args(argv)
 
 
-def model_kwargs(name: str, size: int):
-  """Extra create_model arguments that a size implies (Swin is built for its image size)."""
-  return {'image_size': size} if 'swin' in name else {}
-
-
 def fixed_correlation_weights(params) -> int:
   """Entries of the official models' fixed ``weights_cor`` (``C x T x K2`` per DTF block), which
   PyTorch counts as parameters although they are constant (1/C); dtf_jax does not store them."""
@@ -58,7 +53,7 @@ def fixed_correlation_weights(params) -> int:
 def describe(args) -> dict:
   """Computes the report as a dict (also used by tests)."""
   model = create_model(args.model, num_classes=args.num_classes, clip_length=args.clip_length,
-                       dtype=jnp.dtype(args.dtype), **model_kwargs(args.model, args.size))
+                       dtype=jnp.dtype(args.dtype), **size_kwargs(args.model, args.size))
   view = jax.ShapeDtypeStruct((1, args.clip_length, args.size, args.size, 3), jnp.float32)
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), view)
   report = {
