@@ -6,6 +6,15 @@
 
 Kinetics-400: 128 epochs, random flip, 10 clips x 3 crops of 256² at eval. Something-Something:
 64 epochs, no flip (direction classes), 1 clip x 3 crops.
+Training augmentation: the released chain (random resized crop, colour jitter, grayscale, blur,
+flip).
+
+Start from ImageNet, as the paper does: pass the torchvision ResNet-101 checkpoint file (the released
+code uses resnet101-5d3b4d8f.pth; any torchvision ResNet-101 .pth or .safetensors works). Its 2D
+kernels are inflated (stem: --config.init_stem=center|average), the DTF blocks start as the
+identity and the classifier is new:
+
+    python main.py --config=configs/dtf_r101.py --workdir=... --config.init_from=/path/resnet101-5d3b4d8f.pth
 """
 
 from configs import base

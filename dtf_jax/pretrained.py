@@ -1,71 +1,158 @@
 """Saving and loading model variables with the arguments that rebuild the model.
 
-A pretrained directory holds ``variables/`` (an orbax checkpoint of ``{'params', 'batch_stats'}``)
-and ``meta.json`` (``{"model": name, "kwargs": {...}}``, the arguments of ``create_model``)::
+Two kinds of directory load the same way::
 
-    model, variables = dtf_jax.pretrained.load_pretrained('dtf_r50_k400')
-    logits = model.apply(variables, video, train=False)
+    model, variables = dtf_jax.pretrained.load_pretrained('dtf_r50_k400')   # convert_torch output
+    model, variables = dtf_jax.pretrained.load_pretrained('runs/my_run')     # a main.py workdir
+    logits = model.apply(variables, video, train=False)                       # video: B T H W 3
+    names = dtf_jax.pretrained.read_meta('runs/my_run')['class_names']
+
+A pretrained directory holds ``variables/`` (an orbax checkpoint of ``{'params', 'batch_stats'}``)
+and ``meta.json``: ``{"model": name, "kwargs": {...create_model arguments}, "class_names": [...]
+or null, "source": {...where the weights came from}}``. A trainer workdir holds ``config.json``
+(the resolved config plus the ``class_names`` of its training data) and ``checkpoints/STEP/``;
+only the parameters and batch statistics of a step are read, never the optimizer state.
 """
 
 import json
-import os
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
-from dtf_jax.models import create_model
+from dtf_jax.models import create_model, size_kwargs
 
 META_FILE = 'meta.json'
 VARIABLES_DIR = 'variables'
+CONFIG_FILE = 'config.json'      # written by the trainer into its workdir
+CHECKPOINT_DIR = 'checkpoints'   # the trainer's orbax CheckpointManager directory
+STATE_ITEM = 'state'             # its item holding the TrainState
 
 
 def _json_ready(value):
   if isinstance(value, tuple):
     return list(value)
   if not isinstance(value, (int, float, str, bool, list, type(None))):
-    return str(jax.numpy.dtype(value))  # dtypes
+    return str(jnp.dtype(value))  # dtypes
   return value
 
 
+def write_json_atomic(path, data) -> None:
+  """Writes ``data`` as JSON to ``path`` (local or remote) through a renamed temporary file."""
+  path = epath.Path(path)
+  tmp = path.parent / (path.name + '.tmp')
+  tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+  tmp.rename(path)
+
+
+def config_model_kwargs(config: Mapping[str, Any]) -> Tuple[str, Dict[str, Any]]:
+  """A trainer config (``configs/base.py`` fields; a ConfigDict or its JSON) -> ``(model name,
+  create_model kwargs)``: the ``model`` fields, the clip length, classes, compute dtype and, for
+  Swin, the frame size."""
+  model = config['model']
+  data = config['data']
+  kwargs = size_kwargs(model['name'], data['size'])
+  kwargs.update({k: v for k, v in model.items() if k != 'name'})
+  kwargs.update(num_classes=data['num_classes'], clip_length=data['clip_length'],
+                dtype=jnp.dtype(config['compute_dtype']))
+  return model['name'], kwargs
+
+
 def save_pretrained(directory: str, model_name: str, model_kwargs: Dict[str, Any],
-                    variables: Dict[str, Any], *, overwrite: bool = False) -> str:
+                    variables: Dict[str, Any], *, overwrite: bool = False,
+                    source: Optional[Dict[str, Any]] = None,
+                    class_names: Optional[Sequence[str]] = None) -> str:
   """Writes ``variables`` and ``meta.json`` under ``directory``; returns its absolute path.
 
-  ``model_kwargs`` must include ``num_classes`` and ``clip_length``. Both files are written
-  atomically (orbax renames a finished temporary directory; ``meta.json`` is renamed into place).
+  ``model_kwargs`` must include ``num_classes`` and ``clip_length``; ``source`` describes where
+  the weights came from (kind, file, sha256, inflation choices); ``class_names`` the classifier's
+  classes in order. Both files are written atomically (orbax renames a finished temporary
+  directory; ``meta.json`` is renamed into place).
   """
-  directory = os.path.abspath(directory)
-  target = os.path.join(directory, VARIABLES_DIR)
-  if os.path.exists(target) and not overwrite:
+  directory = epath.Path(directory)
+  if '://' not in str(directory):
+    directory = directory.absolute()
+  target = directory / VARIABLES_DIR
+  if target.exists() and not overwrite:
     raise FileExistsError(f'{target} exists; pass overwrite=True (--overwrite) to replace it.')
-  os.makedirs(directory, exist_ok=True)
+  if class_names is not None and len(class_names) != model_kwargs['num_classes']:
+    raise ValueError(f'{len(class_names)} class names for {model_kwargs["num_classes"]} classes')
+  directory.mkdir(parents=True, exist_ok=True)
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(target, variables, force=overwrite)
-  meta = {'model': model_name, 'kwargs': {k: _json_ready(v) for k, v in model_kwargs.items()}}
-  tmp = os.path.join(directory, META_FILE + '.tmp')
-  with open(tmp, 'w') as f:
-    json.dump(meta, f, indent=2)
-  os.replace(tmp, os.path.join(directory, META_FILE))
-  return directory
+  meta = {'model': model_name, 'kwargs': {k: _json_ready(v) for k, v in model_kwargs.items()},
+          'class_names': list(class_names) if class_names is not None else None,
+          'source': source}
+  write_json_atomic(directory / META_FILE, meta)
+  return str(directory)
 
 
-def load_pretrained(directory: str, **overrides: Any) -> Tuple[nn.Module, Dict[str, Any]]:
-  """Rebuilds the model from ``meta.json`` and restores its variables (as host arrays).
+def _latest_step(workdir: epath.Path) -> Tuple[epath.Path, list]:
+  checkpoints = workdir / CHECKPOINT_DIR
+  steps = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit() and
+                 (p / STATE_ITEM).exists()) if checkpoints.exists() else []
+  return checkpoints, steps
+
+
+def read_meta(path: str) -> Dict[str, Any]:
+  """``{'model', 'kwargs', 'class_names', 'source'}`` of a pretrained directory or a workdir."""
+  path = epath.Path(path)
+  if (path / META_FILE).exists():
+    meta = json.loads((path / META_FILE).read_text())
+    meta.setdefault('class_names', None)
+    meta.setdefault('source', None)
+    return meta
+  if (path / CONFIG_FILE).exists():
+    config = json.loads((path / CONFIG_FILE).read_text())
+    name, kwargs = config_model_kwargs(config)
+    kwargs['dtype'] = str(kwargs['dtype'])
+    return {'model': name, 'kwargs': kwargs, 'class_names': config.get('class_names'),
+            'source': {'kind': 'workdir', 'path': str(path)}}
+  raise FileNotFoundError(f'{path}: neither a dtf_jax pretrained directory ({META_FILE} and '
+                          f'{VARIABLES_DIR}/) nor a trainer workdir ({CONFIG_FILE} and '
+                          f'{CHECKPOINT_DIR}/)')
+
+
+def _restore_variables(state_dir: epath.Path) -> Dict[str, Any]:
+  """``params`` and ``batch_stats`` of a trainer checkpoint, as numpy (optimizer state unread)."""
+  checkpointer = ocp.PyTreeCheckpointer()
+  tree = checkpointer.metadata(state_dir).item_metadata.tree
+  item = {k: jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), tree[k])
+          for k in ('params', 'batch_stats') if k in tree}
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+  return checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
+      item=item, restore_args=restore_args, partial_restore=True))
+
+
+def load_pretrained(path: str, step: Optional[int] = None,
+                    **overrides: Any) -> Tuple[nn.Module, Dict[str, Any]]:
+  """Rebuilds the model and restores its variables (as host arrays) from a pretrained directory
+  or a trainer workdir (its latest checkpoint, or ``step``).
 
   ``overrides`` replace model arguments that do not change parameter shapes (e.g. ``dtype``,
   ``dropout_rate``).
   """
-  directory = os.path.abspath(directory)
-  meta_path = os.path.join(directory, META_FILE)
-  if not os.path.exists(meta_path):
-    raise FileNotFoundError(f'{meta_path} not found: not a dtf_jax pretrained directory '
-                            f'(expected {META_FILE} and {VARIABLES_DIR}/).')
-  with open(meta_path) as f:
-    meta = json.load(f)
+  meta = read_meta(path)
   kwargs = dict(meta['kwargs'], **overrides)
+  if isinstance(kwargs.get('dtype'), str):
+    kwargs['dtype'] = jnp.dtype(kwargs['dtype'])
   model = create_model(meta['model'], **kwargs)
-  with ocp.StandardCheckpointer() as checkpointer:
-    variables = checkpointer.restore(os.path.join(directory, VARIABLES_DIR))
-  return model, variables
+  path = epath.Path(path)
+  if (path / META_FILE).exists():
+    if step is not None:
+      raise ValueError(f'{path} is a pretrained directory: it has no steps (step={step})')
+    with ocp.StandardCheckpointer() as checkpointer:
+      variables = checkpointer.restore(path / VARIABLES_DIR)
+    return model, variables
+  checkpoints, steps = _latest_step(path)
+  if not steps:
+    raise FileNotFoundError(f'{path}: no checkpoint in {checkpoints}')
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise FileNotFoundError(f'{path}: no checkpoint for step {step} (steps: {steps})')
+  return model, _restore_variables(checkpoints / str(step) / STATE_ITEM)

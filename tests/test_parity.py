@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from dtf_jax.convert import ConversionError, convert_official_state_dict
+from dtf_jax.convert.official import UNUSED_OFFICIAL
 from dtf_jax.models import create_model
 from dtf_jax.pretrained import load_pretrained
 from dtf_jax.tools import convert_torch
@@ -232,13 +233,18 @@ def test_swin_report_lists_unused_tensors(dtf_swin):
   assert sum(k.endswith('.conv.weight') for k in unused) == 8
   assert {k.split('.dtf_block.')[0] for k in unused if '.dtf_block.' in k} == \
       {'layers.0.blocks.1', 'layers.1.blocks.1'}
-  assert report.skipped_unused and any(k.endswith('.conv.weight') for k in report.skipped_unused)
-  # (num_batches_tracked counters of unused DTF blocks may be listed as verified instead.)
-  assert set(report.skipped_unused) == {k for k in unused if not k.endswith('num_batches_tracked')}
-  # Every official key is accounted for exactly once.
-  accounted = report.used + report.verified + report.skipped_unused
+  skipped = report.ignored_keys(UNUSED_OFFICIAL)
+  assert skipped and any(k.endswith('.conv.weight') for k in skipped)
+  # (num_batches_tracked counters of unused DTF blocks are listed as step counters instead.)
+  assert set(skipped) == {k for k in unused if not k.endswith('num_batches_tracked')}
+  # Every official key is accounted for exactly once, each with its shape.
+  accounted = [k for k, *_ in report.loaded] + [k for k, *_ in report.ignored]
   assert sorted(accounted) == sorted(sd)
-  assert 'skipped' in report.summary() and str(len(unused)) in report.summary()
+  assert all(tuple(sd[k].shape) == s for k, s, _ in report.ignored)
+  assert not report.initialised  # an official checkpoint fills every variable
+  text = report.format()
+  assert f'ignored ({len(report.ignored)})' in text
+  assert any(line.strip().startswith('layers.0.blocks.1.conv.weight') for line in text.splitlines())
 
 
 def test_unused_official_tensors_do_not_matter(dtf_swin):

@@ -1,13 +1,28 @@
-"""Official DTF PyTorch state dicts (``FuchenUSTC/DTF``) -> dtf_jax Flax variables.
+"""PyTorch state dicts -> dtf_jax Flax variables: official DTF checkpoints and ImageNet inflation.
 
-PyTorch layouts: convs ``O I T kh kw``, linears ``O I``, tensors ``B C T H W``. Flax layouts: convs
-``T kh kw I O``, dense ``I O``. The DTF filter estimator ``filter_g.weight`` is
-``[O, (C + K2) * T, 1, 1]`` with channel-major-then-time input order; ours is ``[T, C + K2, O]``.
-The complex mixing ``linear1.complex_weight`` is ``[C_out, C_in, 2]``; ours ``[2, C_in, C_out]``.
+    variables = convert_state_dict('dtf_r50', read_state_dict('resnet50.pth'), num_classes=400,
+                                   clip_length=16, source='imagenet_resnet')
 
-The conversion is strict: every official key is used, verified and ignored (fixed
-``weights_cor``, buffers that the model recomputes, ``num_batches_tracked``), or skipped because
-the official module owns but never uses it (reported); anything else, and any missing or
+Sources (``imagenet.py`` detects them from the keys): ``dtf``, the official DTF/C2D models
+(``FuchenUSTC/DTF``); ``imagenet_resnet``, torchvision ResNets; ``imagenet_swin``, Swin in the
+official or the timm layout. ImageNet keys are first renamed to the official DTF names, then all
+sources share one mapping onto our variables.
+
+PyTorch layouts: convs ``O I T kh kw`` (2D: ``O I kh kw``), linears ``O I``, tensors ``B C T H W``.
+Flax layouts: convs ``T kh kw I O``, dense ``I O``. The DTF filter estimator ``filter_g.weight``
+is ``[O, (C + K2) * T, 1, 1]`` with channel-major-then-time input order; ours is
+``[T, C + K2, O]``. The complex mixing ``linear1.complex_weight`` is ``[C_out, C_in, 2]``; ours
+``[2, C_in, C_out]``.
+
+Inflation (ImageNet sources): 2D kernels get a time axis of 1; the ResNet stem and the Swin patch
+embedding get ``early_stride`` (``stem_init`` ``center`` or ``average``); relative position bias
+tables of another window are resized bicubically; DTF blocks keep their initialisation (alpha 0:
+each block starts as the identity) and the ImageNet head is dropped unless ``keep_head``.
+
+The conversion is strict: every key of the file is loaded, or ignored for a stated reason (fixed
+``weights_cor`` and buffers that the model recomputes, after checking them; tensors the official
+model owns but never uses; a dropped head or patch norm); every variable of the model is loaded or,
+for ImageNet sources only, left at its initialisation for a stated reason. Anything else, and any
 mis-shaped tensor, is an error that lists them all.
 """
 
@@ -20,43 +35,58 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dtf_jax.convert import imagenet
+from dtf_jax.convert.state_dict import unwrap_state_dict
 from dtf_jax.models import create_model
 from dtf_jax.models.swin import SwinTransformer, effective_window, relative_position_index, \
     shifted_window_mask
+
+# Reasons for ignored tensors and for variables left at their initialisation.
+UNUSED_OFFICIAL = 'owned but never used by the official model'
+STEP_COUNTER = 'BN step counter'
+NEW_DTF = 'DTF block: keeps its initialisation (alpha 0, the block starts as the identity)'
+NEW_HEAD = 'new classifier head'
 
 
 class ConversionError(ValueError):
   """The state dict does not fit the model; the message lists every problem."""
 
 
+def _shape(value) -> Tuple[int, ...]:
+  return tuple(int(d) for d in np.shape(value))
+
+
 @dataclasses.dataclass
 class ConversionReport:
-  """What happened to each official key."""
-  used: List[str] = dataclasses.field(default_factory=list)
-  verified: List[str] = dataclasses.field(default_factory=list)
-  skipped_unused: List[str] = dataclasses.field(default_factory=list)
+  """What happened to every tensor of the file and every variable of the model.
+
+  ``loaded``: (file key, file shape, our variable, its shape); ``initialised``: (our variable,
+  shape, reason); ``ignored``: (file key, shape, reason); ``notes``: inflation choices."""
+  source: str = 'dtf'
+  layout: str = 'official'
+  loaded: List[Tuple[str, Tuple[int, ...], str, Tuple[int, ...]]] = dataclasses.field(
+      default_factory=list)
+  initialised: List[Tuple[str, Tuple[int, ...], str]] = dataclasses.field(default_factory=list)
+  ignored: List[Tuple[str, Tuple[int, ...], str]] = dataclasses.field(default_factory=list)
+  notes: List[str] = dataclasses.field(default_factory=list)
+
+  def ignored_keys(self, reason: str) -> List[str]:
+    return [key for key, _, why in self.ignored if why.startswith(reason)]
 
   def summary(self) -> str:
-    return (f'{len(self.used)} tensors converted, {len(self.verified)} fixed tensors/buffers '
-            f'verified and dropped, {len(self.skipped_unused)} unused official tensors skipped')
+    return (f'{self.source} checkpoint ({self.layout} layout): {len(self.loaded)} arrays loaded, '
+            f'{len(self.initialised)} left at their initialisation, {len(self.ignored)} ignored')
 
-
-def _to_numpy(value) -> np.ndarray:
-  if hasattr(value, 'detach'):  # torch.Tensor, without importing torch
-    value = value.detach().cpu().float().numpy() if value.is_floating_point() else \
-        value.detach().cpu().numpy()
-  return np.asarray(value)
-
-
-def unwrap_state_dict(state_dict: Mapping[str, Any]) -> Dict[str, np.ndarray]:
-  """Accepts ``{'state_dict': ...}`` wrappers and ``module.`` prefixes; returns numpy arrays."""
-  for wrapper in ('state_dict', 'model'):
-    if wrapper in state_dict and isinstance(state_dict[wrapper], Mapping):
-      state_dict = state_dict[wrapper]
-  out = {}
-  for key, value in state_dict.items():
-    out[key[len('module.'):] if key.startswith('module.') else key] = _to_numpy(value)
-  return out
+  def format(self) -> str:
+    """The whole report: summary, notes, then every array with its shape."""
+    lines = [self.summary()] + [f'  note: {n}' for n in self.notes]
+    lines.append(f'loaded ({len(self.loaded)}):')
+    lines += [f'  {k} {s} -> {t} {ts}' for k, s, t, ts in self.loaded]
+    lines.append(f'left at their initialisation ({len(self.initialised)}):')
+    lines += [f'  {t} {s}: {why}' for t, s, why in self.initialised]
+    lines.append(f'ignored ({len(self.ignored)}):')
+    lines += [f'  {k} {s}: {why}' for k, s, why in self.ignored]
+    return '\n'.join(lines)
 
 
 def _rename_resnet(key: str) -> str:
@@ -75,7 +105,8 @@ def _rename_swin(key: str) -> str:
                lambda m: f'stage{int(m.group(1)) + 1}_block{m.group(2)}.', key)
   key = re.sub(r'^layers\.(\d+)\.downsample\.', lambda m: f'stage{int(m.group(1)) + 1}_merge.', key)
   for pattern, repl in ((r'\.mlp\.fc(\d)\.', r'.mlp_fc\1.'), (r'\.dtf_block\.', '.temporal.'),
-                        (r'^patch_embed\.proj\.', 'patch_embed.'), (r'^fc\.', 'head.')):
+                        (r'^patch_embed\.proj\.', 'patch_embed.'),
+                        (r'^patch_embed\.norm\.', 'patch_embed_norm.'), (r'^fc\.', 'head.')):
     key = re.sub(pattern, repl, key)
   return key
 
@@ -183,8 +214,8 @@ def _official_swin_name(collection: str, path: str) -> str:
                   lambda m: f'layers.{int(m.group(1)) - 1}.blocks.{m.group(2)}', module)
   module = re.sub(r'^stage(\d+)_merge', lambda m: f'layers.{int(m.group(1)) - 1}.downsample',
                   module)
-  for pattern, repl in ((r'mlp_fc(\d)', r'mlp.fc\1'), (r'^patch_embed', 'patch_embed.proj'),
-                        (r'^head', 'fc')):
+  for pattern, repl in ((r'mlp_fc(\d)', r'mlp.fc\1'), (r'^patch_embed$', 'patch_embed.proj'),
+                        (r'^patch_embed_norm$', 'patch_embed.norm'), (r'^head', 'fc')):
     module = re.sub(pattern, repl, module)
   return f'{module}.{leaf}'
 
@@ -247,68 +278,203 @@ def _check_fixed(key: str, value: np.ndarray, layout) -> str:
   return f'{key}: differs from the mask of window {window}, shift {shift} (or block unshifted)'
 
 
-def convert_official_state_dict(model_name: str, state_dict: Mapping[str, Any], *,
-                                num_classes: int, clip_length: int, return_report: bool = False,
-                                **kwargs) -> Dict[str, Any]:
-  """Official state dict -> ``{'params': ..., 'batch_stats': ...}`` for ``create_model(...)``.
+def _check_fixed_imagenet(key: str, value: np.ndarray, layout) -> Tuple[str, str]:
+  """(problem, reason ignored) for a buffer of an ImageNet Swin checkpoint: checked where it is
+  laid out as ours (same window and resolution), else recomputed by the model."""
+  block, _ = _swin_block(key)
+  if block not in layout:
+    return f'{key}: no such block in the model', ''
+  res, window, shift = layout[block]
+  if key.endswith('relative_position_index'):
+    ours = relative_position_index(window)
+  elif shift > 0:
+    ours = shifted_window_mask(res, window, shift)
+  else:
+    return '', f'attention mask the model does not use (block unshifted at {res}x{res} tokens)'
+  if value.shape != ours.shape:
+    return '', f'buffer recomputed by the model (window {window}, {res}x{res} tokens)'
+  if np.allclose(value, ours):
+    return '', 'buffer the model computes (verified equal)'
+  return f'{key}: differs from what the model computes for window {window}, shift {shift}', ''
 
-  ``state_dict`` maps official key names to torch tensors or numpy arrays, optionally wrapped in
-  ``{'state_dict': ...}`` and/or prefixed with ``module.``. ``kwargs`` go to ``create_model``
-  (e.g. ``image_size`` for Swin). Raises :class:`ConversionError` listing every missing,
-  unexpected or mis-shaped key. With ``return_report=True`` returns ``(variables, report)``.
-  """
-  model = create_model(model_name, num_classes=num_classes, clip_length=clip_length, **kwargs)
-  expected = _expected_variables(model, clip_length)
+
+def map_state_dict(model, state_dict: Mapping[str, Any], *, source: str = 'dtf',
+                   stem_init: str = 'center', keep_head: bool = False
+                   ) -> Tuple[Dict[str, Dict[str, np.ndarray]], ConversionReport]:
+  """Maps a state dict onto ``model``'s variables without initialising anything.
+
+  Returns ``({collection: {'a/b/c': float32 array}}, report)``: the arrays taken from the file
+  (``report.initialised`` lists the variables left out, with the reason). ``source``: one of
+  ``imagenet.SOURCES`` or ``'auto'`` (detected from the keys). Raises :class:`ConversionError`
+  listing every problem."""
   tensors = unwrap_state_dict(state_dict)
+  try:
+    detected, family, layout = imagenet.detect_source({k: v.shape for k, v in tensors.items()})
+  except ValueError as e:
+    raise ConversionError(str(e)) from None
   is_swin = isinstance(model, SwinTransformer)
-  layout = _swin_block_layout(model) if is_swin else {}
-  report = ConversionReport()
+  model_family = 'swin' if is_swin else 'resnet'
+  if source not in imagenet.SOURCES + ('auto',):
+    raise ConversionError(f'source must be one of {imagenet.SOURCES} or auto, got {source!r}')
+  if source not in ('auto', detected):
+    raise ConversionError(f'the file is a {detected} checkpoint ({family}, {layout} layout), not '
+                          f'{source}')
+  if family != model_family:
+    raise ConversionError(f'the file is a {family} checkpoint ({detected}, {layout} layout); the '
+                          f'model is a {model_family} ({type(model).__name__})')
+  if stem_init not in imagenet.STEM_INITS:
+    raise ConversionError(f'stem_init must be one of {imagenet.STEM_INITS}, got {stem_init!r}')
+  source = detected
+  from_imagenet = source != 'dtf'
+  expected = _expected_variables(model, model.clip_length)
+  params = expected['params']
+  swin_layout = _swin_block_layout(model) if is_swin else {}
+  report = ConversionReport(source=source, layout=layout)
   out = {c: {} for c in expected}
   unexpected, mismatched, bad_fixed = [], [], []
+  inflated, resized = set(), set()
 
   rename = _rename_swin if is_swin else _rename_resnet
   for key, value in tensors.items():
+    shape = _shape(value)
+    official = imagenet.to_official_name(key, layout) if from_imagenet else key
     if key.endswith('num_batches_tracked'):
-      report.verified.append(key)
+      report.ignored.append((key, shape, STEP_COUNTER))
       continue
-    if is_swin and _unused_swin_tensor(key, layout, model.temporal):
-      report.skipped_unused.append(key)
+    if is_swin and not from_imagenet and _unused_swin_tensor(key, swin_layout, model.temporal):
+      report.ignored.append((key, shape, UNUSED_OFFICIAL))
       continue
     if key.endswith(('weights_cor', 'relative_position_index', 'attn_mask')):
-      problem = _check_fixed(key, value, layout)
-      (bad_fixed.append(problem) if problem else report.verified.append(key))
+      if from_imagenet:
+        problem, reason = _check_fixed_imagenet(official, value, swin_layout)
+      else:
+        problem = _check_fixed(key, value, swin_layout)
+        reason = ('fixed correlation weights 1/C (verified)' if key.endswith('weights_cor') else
+                  'buffer the model computes (verified equal)')
+      (bad_fixed.append(problem) if problem else report.ignored.append((key, shape, reason)))
       continue
-    target = _target(rename(key), expected)
+    target = _target(rename(official), expected)
+    if from_imagenet and target is not None and target[1].startswith('head/') and not keep_head:
+      report.ignored.append((key, shape, f'{imagenet.head_description(shape[0])} dropped: the '
+                                         f'model gets a new one'))
+      continue
+    if (from_imagenet and target is not None and target[1].startswith('patch_embed_norm/')
+        and not model.patch_norm):
+      report.ignored.append((key, shape, 'patch-embedding norm dropped (patch_norm=False, the '
+                                         'official architecture; the released code lost it too)'))
+      continue
     if target is None or target[1] not in expected.get(target[0], {}):
-      unexpected.append(key if target is None else f'{key} (-> {target[0]}/{target[1]})')
+      unexpected.append(f'{key} {shape}' + ('' if target is None else
+                                            f' (-> {target[0]}/{target[1]})'))
       continue
     collection, path, transform = target
-    shape = expected[collection][path].shape
-    converted = _transform(transform, value, shape)
-    if converted.shape != shape:
-      mismatched.append(f'{key}: shape {tuple(value.shape)}, the model needs '
-                        f'{_official_shape(transform, shape)} (for {collection}/{path} '
-                        f'{tuple(shape)})')
+    want = expected[collection][path].shape
+    converted = _transform(transform, value, want)
+    if (from_imagenet and transform == 'conv' and value.ndim == 4 and len(want) == 5
+        and want[0] > 1 and converted.shape[1:] == want[1:]):
+      converted = _transform('conv', imagenet.inflate_kernel(value, want[0], stem_init), want)
+      inflated.add(f'{key} -> {path}: 2D kernel inflated to {want[0]} frames ({stem_init})')
+    if (from_imagenet and path.endswith('relative_position_bias_table') and len(shape) == 2
+        and shape != tuple(want) and shape[1] == want[1]):
+      try:
+        converted = imagenet.resize_relative_position_table(value, want[0])
+        resized.add(f'relative position bias tables resized bicubically from window '
+                    f'{imagenet.window_of_table(shape[0])} to {imagenet.window_of_table(want[0])}')
+      except ValueError:
+        pass  # reported as mis-shaped below
+    if converted.shape != want:
+      mismatched.append(f'{key}: shape {shape}, the model needs '
+                        f'{_official_shape(transform, want)} (for {collection}/{path} '
+                        f'{tuple(want)})')
       out[collection][path] = None  # reported as mis-shaped, not as missing
       continue
     # A copy: the result must not share memory with the (mutable) torch tensors.
-    out[collection][path] = jnp.array(converted, jnp.float32, copy=True)
-    report.used.append(key)
+    out[collection][path] = np.array(converted, np.float32, copy=True)
+    report.loaded.append((key, shape, f'{collection}/{path}', tuple(want)))
+  report.notes += sorted(inflated) + sorted(resized)
 
   official_name = _official_swin_name if is_swin else _official_resnet_name
-  missing = [f'{official_name(c, p)} (for {c}/{p} {tuple(s.shape)})'
-             for c in expected for p, s in expected[c].items() if p not in out[c]]
+  missing = []
+  for collection, variables in expected.items():
+    for path, struct in variables.items():
+      if path in out[collection]:
+        continue
+      if from_imagenet and '/temporal/' in path:
+        report.initialised.append((f'{collection}/{path}', _shape(struct), NEW_DTF))
+      elif from_imagenet and path.startswith('head/') and not keep_head:
+        report.initialised.append((f'{collection}/{path}', _shape(struct), NEW_HEAD))
+      else:
+        name = imagenet.from_official_name(official_name(collection, path), layout, family)
+        missing.append(f'{name} (for {collection}/{path} {tuple(struct.shape)})')
+  if from_imagenet and is_swin and 'patch_embed_norm/scale' in params and not any(
+      p.startswith('patch_embed_norm/') for p in out['params']):
+    missing.append('(patch_norm=True needs the patch-embedding norm of an ImageNet Swin; build '
+                   'the model with patch_norm=False for a checkpoint without one)')
   problems = []
-  for title, items in (('missing (the model needs them, the state dict lacks them)', missing),
+  for title, items in (('missing (the model needs them, the file lacks them)', missing),
                        ('unexpected (no place in the model)', unexpected),
                        ('mis-shaped', mismatched), ('wrong fixed values', bad_fixed)):
     if items:
       problems.append(f'{len(items)} {title}:\n  ' + '\n  '.join(sorted(items)))
   if problems:
-    raise ConversionError(f'Cannot load the state dict into {model_name} (clip_length='
-                          f'{clip_length}, num_classes={num_classes}, {kwargs}):\n'
-                          + '\n'.join(problems))
+    fields = {f: getattr(model, f) for f in ('clip_length', 'num_classes')}
+    raise ConversionError(f'Cannot load the {source} checkpoint ({family}, {layout} layout) into '
+                          f'{type(model).__name__} {fields}:\n' + '\n'.join(problems))
   out = {c: {p: v for p, v in out[c].items() if v is not None} for c in out}
+  return out, report
+
+
+def init_variables(model, paths, seed: int = 0) -> Dict[str, np.ndarray]:
+  """Fresh values of the variables ``paths`` (``'collection/a/b'``) of ``model``, as
+  ``model.init(PRNGKey(seed), ...)`` gives them. Jitted and returning only those arrays, so
+  that the forward pass and the other initialisers are compiled away."""
+  size = model.image_size if isinstance(model, SwinTransformer) else 64
+  video = jnp.zeros((1, model.clip_length, size, size, 3), jnp.float32)
+  paths = set(paths)
+
+  def init(rng):
+    variables = _flatten(model.init(rng, video, train=False))
+    return {p: v for p, v in variables.items() if p in paths}
+  return {p: np.asarray(v) for p, v in jax.jit(init)(jax.random.PRNGKey(seed)).items()}
+
+
+def convert_state_dict(model_name: str, state_dict: Mapping[str, Any], *, num_classes: int,
+                       clip_length: int, source: str = 'dtf', stem_init: str = 'center',
+                       keep_head: bool = False, drop_patch_norm: bool = False, seed: int = 0,
+                       return_report: bool = False, **kwargs) -> Dict[str, Any]:
+  """State dict -> ``{'params': ..., 'batch_stats': ...}`` for ``create_model(model_name, ...)``.
+
+  ``state_dict`` maps key names to torch tensors or numpy arrays (wrappers ``{'state_dict': ...}``
+  / ``{'model': ...}`` and ``module.`` prefixes are accepted; :func:`read_state_dict` reads
+  files). ``source``: ``'dtf'`` (official DTF/C2D), ``'imagenet_resnet'``, ``'imagenet_swin'``
+  or ``'auto'``. ImageNet Swin checkpoints turn ``patch_norm`` on (their patch norm is loaded and
+  the model starts as the 2D network) unless ``drop_patch_norm``. Variables left out (DTF blocks,
+  a new head) get a fresh initialisation from ``seed``. ``kwargs`` go to ``create_model`` (e.g.
+  ``image_size`` for Swin). Raises :class:`ConversionError` listing every problem. With
+  ``return_report=True`` returns ``(variables, report)``.
+  """
+  if source in ('imagenet_swin', 'auto') and 'swin' in model_name:
+    detected = imagenet.detect_source({k: np.shape(v) for k, v in
+                                       unwrap_state_dict(state_dict).items()})[0]
+    if detected == 'imagenet_swin':
+      kwargs.setdefault('patch_norm', not drop_patch_norm)
+  model = create_model(model_name, num_classes=num_classes, clip_length=clip_length, **kwargs)
+  loaded, report = map_state_dict(model, state_dict, source=source, stem_init=stem_init,
+                                  keep_head=keep_head)
+  if report.initialised:
+    fresh = init_variables(model, [target for target, _, _ in report.initialised], seed)
+    for target, value in fresh.items():
+      collection, path = target.split('/', 1)
+      loaded[collection][path] = value
   variables = {c: flax.traverse_util.unflatten_dict(
-      {tuple(p.split('/')): v for p, v in out[c].items()}) for c in out}
+      {tuple(p.split('/')): jnp.asarray(v) for p, v in loaded[c].items()}) for c in loaded}
   return (variables, report) if return_report else variables
+
+
+def convert_official_state_dict(model_name: str, state_dict: Mapping[str, Any], *,
+                                num_classes: int, clip_length: int, return_report: bool = False,
+                                **kwargs) -> Dict[str, Any]:
+  """An official DTF/C2D state dict: :func:`convert_state_dict` with ``source='dtf'``."""
+  return convert_state_dict(model_name, state_dict, num_classes=num_classes,
+                            clip_length=clip_length, source='dtf', return_report=return_report,
+                            **kwargs)

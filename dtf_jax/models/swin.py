@@ -1,6 +1,6 @@
 """C2D Swin Transformer on tubelets, with DTF blocks: DTF-Transformer.
 
-A tubelet conv ``(early_stride, patch, patch)`` (no patch norm) turns ``B T H W 3`` into
+A tubelet conv ``(early_stride, patch, patch)`` (no patch norm unless ``patch_norm``) turns ``B T H W 3`` into
 ``T' = T // early_stride`` token maps that the Swin stages process as independent images
 (``B*T'`` of them). The temporal module (DTF) runs inside every block whose effective window shift
 is 0, after the attention residual and before the MLP, on the tokens reshaped to ``B T' h w C``.
@@ -162,6 +162,9 @@ class SwinTransformer(nn.Module):
     window_size: attention window (7).
     patch_size: spatial tubelet size (4).
     early_stride: frames per tubelet (4).
+    patch_norm: LayerNorm after the tubelet embedding. Off in the official DTF-Transformer (and so
+      for its checkpoints); ImageNet Swin checkpoints carry one, and inflating them turns it on so
+      that the video model starts as the 2D network.
     temporal: temporal module in the blocks with effective shift 0 (``'dtf'`` or ``'none'``).
     mlp_ratio: MLP hidden size / dim.
     dropout_rate: dropout before the classifier.
@@ -177,6 +180,7 @@ class SwinTransformer(nn.Module):
   window_size: int = 7
   patch_size: int = 4
   early_stride: int = 4
+  patch_norm: bool = False
   temporal: str = 'dtf'
   mlp_ratio: float = 4.0
   dropout_rate: float = 0.0
@@ -215,6 +219,8 @@ class SwinTransformer(nn.Module):
                 (self.early_stride, self.patch_size, self.patch_size), padding='VALID',
                 dtype=self.dtype, kernel_init=dense_init, name='patch_embed')(
                     video.astype(self.dtype))
+    if self.patch_norm:
+      x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name='patch_embed_norm')(x)
     x = x.reshape((batch * steps,) + x.shape[2:])
 
     rates = np.linspace(0.0, self.drop_path_rate, sum(self.depths))

@@ -1,0 +1,89 @@
+"""Reading PyTorch checkpoint files as ``{key: numpy array}`` without running any of their code.
+
+    tensors = read_state_dict('resnet50-19c8e357.pth')     # or a .safetensors file
+
+``.safetensors`` files are read with the ``safetensors`` package (no PyTorch needed); any other
+file (``.pth``, ``.pt``, ``.bin``, ...) with ``torch.load(weights_only=True)``, which refuses
+pickled objects other than tensors and plain containers, so a malicious file cannot execute code.
+Paths may be local or remote (``gs://...``): they are read with ``etils.epath``.
+"""
+
+import argparse
+import hashlib
+import io
+from typing import Any, Dict, Mapping
+
+import numpy as np
+from etils import epath
+
+SAFETENSORS_SUFFIX = '.safetensors'
+
+
+class CheckpointReadError(ValueError):
+  """The file exists but is not a readable, weights-only checkpoint."""
+
+
+def _to_numpy(value) -> np.ndarray:
+  """A torch tensor or array -> numpy; floating point (also bfloat16, float16) as float32."""
+  if hasattr(value, 'detach'):  # torch.Tensor, without importing torch
+    value = value.detach().cpu()
+    value = value.float().numpy() if value.is_floating_point() else value.numpy()
+  value = np.asarray(value)
+  if value.dtype.kind == 'f' or value.dtype.name == 'bfloat16':
+    value = value.astype(np.float32)
+  return value
+
+
+def unwrap_state_dict(state_dict: Mapping[str, Any]) -> Dict[str, np.ndarray]:
+  """Accepts ``{'state_dict': ...}`` / ``{'model': ...}`` wrappers and ``module.`` prefixes;
+  returns numpy arrays (floating point as float32)."""
+  for wrapper in ('state_dict', 'model'):
+    if wrapper in state_dict and isinstance(state_dict[wrapper], Mapping):
+      state_dict = state_dict[wrapper]
+  out = {}
+  for key, value in state_dict.items():
+    if not (hasattr(value, 'detach') or isinstance(value, np.ndarray) or np.isscalar(value)):
+      raise CheckpointReadError(f'{key!r} holds a {type(value).__name__}, not a tensor: not a '
+                                f'state dict (wrappers understood: state_dict, model)')
+    out[key[len('module.'):] if key.startswith('module.') else key] = _to_numpy(value)
+  return out
+
+
+def read_state_dict(path: str) -> Dict[str, np.ndarray]:
+  """``.pth`` / ``.pt`` / ``.safetensors`` file -> ``{key: numpy array}`` (unwrapped, see
+  :func:`unwrap_state_dict`). Raises ``FileNotFoundError`` or :class:`CheckpointReadError`."""
+  path = epath.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f'checkpoint file not found: {path}')
+  data = path.read_bytes()
+  if path.name.endswith(SAFETENSORS_SUFFIX):
+    import safetensors.numpy  # pylint: disable=import-outside-toplevel
+    try:
+      return unwrap_state_dict(safetensors.numpy.load(data))
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointReadError(f'cannot read {path} as a .safetensors file: {e}') from e
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ImportError(f'reading {path} needs PyTorch (pip install "dtf_jax[torch]"); '
+                      f'.safetensors files need no PyTorch') from e
+  try:
+    # argparse.Namespace: the released training code stores its arguments beside the weights; it
+    # is a plain attribute bag, safe to rebuild.
+    with torch.serialization.safe_globals([argparse.Namespace]):
+      state = torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointReadError(f'cannot read {path} as a weights-only PyTorch checkpoint (nothing '
+                              f'in it was run): {e}') from e
+  if not isinstance(state, Mapping):
+    raise CheckpointReadError(f'{path} holds a {type(state).__name__}, not a state dict')
+  return unwrap_state_dict(state)
+
+
+def file_sha256(path: str) -> str:
+  """Hex SHA-256 of a file's bytes (recorded in ``meta.json``)."""
+  digest = hashlib.sha256()
+  with epath.Path(path).open('rb') as f:
+    for block in iter(lambda: f.read(1 << 24), b''):
+      digest.update(block)
+  return digest.hexdigest()
