@@ -298,7 +298,7 @@ def _check_fixed_imagenet(key: str, value: np.ndarray, layout) -> Tuple[str, str
   return f'{key}: differs from what the model computes for window {window}, shift {shift}', ''
 
 
-def map_state_dict(model, state_dict: Mapping[str, Any], *, source: str = 'dtf',
+def map_state_dict(model, state_dict: Mapping[str, Any], *, source: str = 'auto',
                    stem_init: str = 'center', keep_head: bool = False
                    ) -> Tuple[Dict[str, Dict[str, np.ndarray]], ConversionReport]:
   """Maps a state dict onto ``model``'s variables without initialising anything.
@@ -317,11 +317,11 @@ def map_state_dict(model, state_dict: Mapping[str, Any], *, source: str = 'dtf',
   if source not in imagenet.SOURCES + ('auto',):
     raise ConversionError(f'source must be one of {imagenet.SOURCES} or auto, got {source!r}')
   if source not in ('auto', detected):
-    raise ConversionError(f'the file is a {detected} checkpoint ({family}, {layout} layout), not '
-                          f'{source}')
+    raise ConversionError(f'source={source!r}, but the file is a {family} checkpoint of source '
+                          f'{detected!r} ({layout} layout)')
   if family != model_family:
-    raise ConversionError(f'the file is a {family} checkpoint ({detected}, {layout} layout); the '
-                          f'model is a {model_family} ({type(model).__name__})')
+    raise ConversionError(f'the file is a {family} checkpoint (source {detected!r}, {layout} '
+                          f'layout) but the model is a {model_family} ({type(model).__name__})')
   if stem_init not in imagenet.STEM_INITS:
     raise ConversionError(f'stem_init must be one of {imagenet.STEM_INITS}, got {stem_init!r}')
   source = detected
@@ -353,13 +353,13 @@ def map_state_dict(model, state_dict: Mapping[str, Any], *, source: str = 'dtf',
                   'buffer the model computes (verified equal)')
       (bad_fixed.append(problem) if problem else report.ignored.append((key, shape, reason)))
       continue
-    target = _target(rename(official), expected)
+    renamed = rename(official)
+    target = _target(renamed, expected)
     if from_imagenet and target is not None and target[1].startswith('head/') and not keep_head:
       report.ignored.append((key, shape, f'{imagenet.head_description(shape[0])} dropped: the '
                                          f'model gets a new one'))
       continue
-    if (from_imagenet and target is not None and target[1].startswith('patch_embed_norm/')
-        and not model.patch_norm):
+    if from_imagenet and renamed.startswith('patch_embed_norm.') and not model.patch_norm:
       report.ignored.append((key, shape, 'patch-embedding norm dropped (patch_norm=False, the '
                                          'official architecture; the released code lost it too)'))
       continue
