@@ -64,12 +64,19 @@ def get_base_config(dataset: str = 'k400') -> ml_collections.ConfigDict:
   c.data.clip_length = 16          # frames per clip T
   c.data.stride = 1                # frame sampling stride (consecutive frames, as the paper)
   c.data.size = 224                # train crop
-  c.data.crop = 'scale_jitter'     # or 'random_resized_crop' (area_range)
+  # Train augmentation: the released DTF/SIFA chain (random resized crop, colour jitter with
+  # p 0.8, grayscale with p 0.2, Gaussian blur with p 0.5, flip per dataset), clip-consistent.
+  c.data.crop = 'random_resized_crop'  # or 'scale_jitter' (scale_range)
   c.data.scale_range = (256, 340)  # scale_jitter: random short side
   c.data.area_range = (0.2, 1.0)   # random_resized_crop: fraction of the frame
+  c.data.aspect_range = (3 / 4, 4 / 3)  # random_resized_crop: aspect ratio w/h
   c.data.flip = d['flip']          # 'flip', 'none' or 'swap_pairs' (flip and swap flip_pairs)
   c.data.flip_pairs = ((86, 87), (93, 94), (166, 167))  # SSv2 classes a flip turns into each other
-  c.data.colour_jitter = 0.0       # strength (0 = off)
+  c.data.colour_jitter = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue (0s = off)
+  c.data.colour_jitter_prob = 0.8  # probability of applying the colour jitter
+  c.data.grayscale_prob = 0.2      # probability of a grayscale clip
+  c.data.blur_prob = 0.5           # probability of a Gaussian blur
+  c.data.blur_sigma = (0.1, 2.0)   # blur: sigma ~ U[lo, hi] in pixels
   c.data.shuffle_buffer = 1024     # records per host
   c.data.eval_size = 256           # eval crop (short side resized to it)
   c.data.num_clips = d['num_clips']  # eval clips per video
@@ -89,6 +96,8 @@ def get_base_config(dataset: str = 'k400') -> ml_collections.ConfigDict:
   c.optimizer.weight_decay = 1e-4  # all parameters (sgd: added to the gradient; adamw: decoupled)
   c.optimizer.grad_clip_norm = 40.0  # global-norm clipping (0 = off)
   c.label_smoothing = 0.0
+  c.mixup_alpha = 0.0              # > 0: mixup with Beta(a, a) (on the device, soft labels)
+  c.cutmix_alpha = 0.0             # > 0: CutMix with Beta(a, a); both on: one or the other per batch
 
   c.lr = ml_collections.ConfigDict()
   c.lr.base = 0.04                 # at lr.base_batch clips per step; scaled linearly with batch
@@ -105,7 +114,11 @@ def get_base_config(dataset: str = 'k400') -> ml_collections.ConfigDict:
   c.eval_every_steps = 0           # train_and_eval: evaluate every N steps (0 = at the end only)
   c.eval_batch_size = 32           # global views per eval batch (chunks of the multi-view set)
   c.eval_checkpoint_step = -1      # --mode=eval: checkpoint step (-1 = latest)
-  c.init_from = ''                 # pretrained dir (convert_torch output) or a workdir to start at
+  # Start from: a checkpoint file (.pth/.pt/.safetensors: ImageNet ResNet/Swin, inflated, or an
+  # official DTF one; the layout is read from its keys), a convert_torch output dir, or a workdir.
+  c.init_from = ''
+  c.init_stem = 'center'           # ImageNet inflation of the stem / patch embedding: 'center'
+                                   # (2D kernel at the middle frame, the released code) or 'average'
 
   c.distributed = ml_collections.ConfigDict()
   c.distributed.initialize = False   # call jax.distributed.initialize() (multi-host)
@@ -135,6 +148,9 @@ def swin_config(model: str, arg=None) -> ml_collections.ConfigDict:
   a = parse_arg(arg, frames=64, dataset='k400')
   c = get_base_config(a['dataset'])
   c.model.name = model
+  # ImageNet Swin checkpoints have a patch-embedding LayerNorm: kept, the inflated model starts as
+  # the 2D network. False = the official DTF-Transformer (no norm), as its checkpoints need.
+  c.model.patch_norm = True
   c.data.clip_length = a['frames']
   c.data.eval_size = 224           # Swin's windows are laid out for 224² frames
   if a['dataset'] == 'k400':

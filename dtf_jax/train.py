@@ -15,6 +15,7 @@ from the latest one and continues the same data stream; SIGTERM saves and exits 
 
 import dataclasses
 import functools
+import json
 import os
 import signal
 import time
@@ -26,6 +27,7 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import struct
 from flax import traverse_util
 from jax.experimental import multihost_utils
@@ -33,14 +35,16 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dtf_jax.data import pipeline  # before clu: hides accelerators from TensorFlow
+from dtf_jax import convert
 from dtf_jax import metrics as metrics_lib
-from dtf_jax.models import create_model, list_models, size_kwargs
+from dtf_jax.models import create_model, list_models
 from dtf_jax.models.swin import SwinTransformer
+from dtf_jax.pretrained import CHECKPOINT_DIR, CONFIG_FILE, config_model_kwargs, load_pretrained, \
+    write_json_atomic
 
 from clu import metric_writers, parameter_overview, periodic_actions  # noqa: E402
 
 BATCH_AXES = ('data', 'fsdp')
-CHECKPOINT_DIR = 'checkpoints'
 FSDP_MIN_SIZE = 2 ** 12  # smaller arrays stay replicated under fsdp
 
 
@@ -83,6 +87,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         f'{config.grad_accum_steps} does not divide batch_size {config.batch_size}')
   check(config.num_epochs > 0 or config.total_steps > 0, 'num_epochs',
         'num_epochs or total_steps must be > 0')
+  check(config.init_stem in convert.STEM_INITS, 'init_stem', f'must be in {convert.STEM_INITS}')
+  for field in ('mixup_alpha', 'cutmix_alpha'):
+    check(config[field] >= 0, field, f'must be >= 0 (0 = off), got {config[field]}')
 
 
 def make_mesh(fsdp: int = 1) -> jax.sharding.Mesh:
@@ -103,11 +110,7 @@ def param_spec(shape: Tuple[int, ...], fsdp: int) -> P:
 
 
 def model_kwargs(config: ml_collections.ConfigDict, num_classes: int) -> Dict[str, Any]:
-  kwargs = size_kwargs(config.model.name, config.data.size)
-  kwargs.update({k: v for k, v in config.model.items() if k != 'name'})
-  kwargs.update(num_classes=num_classes, clip_length=config.data.clip_length,
-                dtype=jnp.dtype(config.compute_dtype))
-  return kwargs
+  return dict(config_model_kwargs(config)[1], num_classes=num_classes)
 
 
 def build_model(config, num_classes):
@@ -146,23 +149,68 @@ def make_optimizer(config, schedule) -> optax.GradientTransformation:
   return optax.chain(*parts)
 
 
-def cross_entropy(logits, labels, smoothing: float = 0.0):
-  """Per-example softmax cross-entropy ``B`` with label smoothing."""
-  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
-  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+def cutmix_box(rng, height: int, width: int, lam):
+  """A box covering about ``1 - lam`` of the frame (centre uniform, clipped at the borders):
+  ``(y0, y1, x0, x1)`` int32 scalars."""
+  ratio = jnp.sqrt(1.0 - lam)
+  cut_h, cut_w = (ratio * height).astype(jnp.int32), (ratio * width).astype(jnp.int32)
+  rng_y, rng_x = jax.random.split(rng)
+  cy = jax.random.randint(rng_y, (), 0, height)
+  cx = jax.random.randint(rng_x, (), 0, width)
+  return (jnp.clip(cy - cut_h // 2, 0, height), jnp.clip(cy + cut_h // 2, 0, height),
+          jnp.clip(cx - cut_w // 2, 0, width), jnp.clip(cx + cut_w // 2, 0, width))
+
+
+def mix_batch(rng, video, targets, mixup_alpha: float, cutmix_alpha: float):
+  """Mixup or CutMix of a batch with itself reversed (example ``i`` with ``B - 1 - i``).
+
+  ``video``: ``B T H W C``; ``targets``: ``B num_classes`` (soft labels). With both on, each
+  batch uses one of them with probability 1/2. Mixup: ``lam ~ Beta(a, a)``, videos and targets
+  mixed by ``lam``. CutMix: one box (the same in every frame) from the partner, ``lam`` = the
+  kept area. Returns the mixed video and targets."""
+  rng_choice, rng_lam, rng_box = jax.random.split(rng, 3)
+  partner_video, partner_targets = video[::-1], targets[::-1]
+
+  def mixup(_):
+    lam = jax.random.beta(rng_lam, mixup_alpha, mixup_alpha)
+    return (lam * video + (1 - lam) * partner_video).astype(video.dtype), lam
+
+  def cutmix(_):
+    height, width = video.shape[2], video.shape[3]
+    lam = jax.random.beta(rng_lam, cutmix_alpha, cutmix_alpha)
+    y0, y1, x0, x1 = cutmix_box(rng_box, height, width, lam)
+    rows, cols = jnp.arange(height)[:, None], jnp.arange(width)[None, :]
+    inside = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)
+    lam = 1.0 - (y1 - y0) * (x1 - x0) / (height * width)
+    return jnp.where(inside[None, None, :, :, None], partner_video, video), lam
+
+  if mixup_alpha > 0 and cutmix_alpha > 0:
+    video, lam = jax.lax.cond(jax.random.bernoulli(rng_choice), cutmix, mixup, None)
+  else:
+    video, lam = (mixup if mixup_alpha > 0 else cutmix)(None)
+  return video, lam * targets + (1 - lam) * partner_targets
 
 
 def make_train_step(model, tx, schedule, config, state_sharding, batch_sharding):
   """Jitted ``(state, batch) -> (state, metrics)`` with the state donated."""
   accum = config.grad_accum_steps
   smoothing = config.label_smoothing
+  mixing = config.mixup_alpha > 0 or config.cutmix_alpha > 0
 
   def micro_step(params, batch_stats, batch, rng):
+    video = batch['video']
+    targets = optax.smooth_labels(jax.nn.one_hot(batch['label'], model.num_classes), smoothing)
+    if mixing:
+      rng, mix_rng = jax.random.split(rng)
+      video, targets = mix_batch(mix_rng, video, targets, config.mixup_alpha,
+                                 config.cutmix_alpha)
+
     def loss_fn(params):
       logits, updates = model.apply({'params': params, 'batch_stats': batch_stats},
-                                    batch['video'], train=True, mutable=['batch_stats'],
+                                    video, train=True, mutable=['batch_stats'],
                                     rngs={'dropout': rng})
-      return cross_entropy(logits, batch['label'], smoothing).mean(), (logits, updates)
+      loss = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+      return loss.mean(), (logits, updates)
     (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     correct = jnp.sum(jnp.argmax(logits, -1) == batch['label'])
     return grads, updates['batch_stats'], loss, correct
@@ -298,30 +346,38 @@ def restore_checkpoint(manager, step: int, s: Setup) -> Tuple[TrainState, dict]:
   return restored.state, restored.progress
 
 
+def load_init_arrays(path: str, s: Setup) -> Tuple[Dict[str, Any], set]:
+  """Arrays to start from, flat (``'params/a/b'``), and those to keep at their fresh
+  initialisation. ``path``: a checkpoint file (``.pth``/``.pt``/``.safetensors``: official DTF, or
+  ImageNet ResNet / Swin inflated with ``config.init_stem``; the conversion report is logged), a
+  pretrained dir (``meta.json``) or a trainer workdir (its latest checkpoint)."""
+  location = epath.Path(path)
+  if not location.exists():
+    raise FileNotFoundError(f'init_from={path!r} does not exist')
+  if not location.is_dir():
+    try:
+      loaded, report = convert.map_state_dict(s.model, convert.read_state_dict(path),
+                                              source='auto', stem_init=s.config.init_stem)
+    except convert.ConversionError as e:
+      raise ValueError(f'init_from {path}: {e}') from None
+    log(f'init_from {path}:\n{report.format()}')
+    return ({f'{c}/{p}': v for c, arrays in loaded.items() for p, v in arrays.items()},
+            {target for target, _, _ in report.initialised})
+  _, variables = load_pretrained(path)
+  loaded = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
+  return traverse_util.flatten_dict(loaded, sep='/'), set()
+
+
 def init_from(state: TrainState, path: str, s: Setup) -> TrainState:
-  """Params and batch stats from a pretrained dir (``meta.json``) or a workdir's latest checkpoint.
+  """Params and batch stats from ``path`` (see :func:`load_init_arrays`).
 
   Arrays of the classifier (``head``) with another shape (another number of classes) keep their
-  fresh initialisation; any other mismatch is an error naming the arrays."""
-  if os.path.exists(os.path.join(path, 'meta.json')):
-    from dtf_jax.pretrained import load_pretrained  # pylint: disable=import-outside-toplevel
-    _, variables = load_pretrained(path)
-    loaded = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
-  elif os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):
-    with ocp.CheckpointManager(os.path.join(os.path.abspath(path), CHECKPOINT_DIR),
-                               item_names=('state', 'progress')) as manager:
-      step = manager.latest_step()
-      if step is None:
-        raise FileNotFoundError(f'init_from: no checkpoint in {path}/{CHECKPOINT_DIR}')
-      restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    loaded = {'params': restored.state['params'], 'batch_stats': restored.state['batch_stats']}
-  else:
-    raise FileNotFoundError(f'init_from={path!r}: neither a pretrained dir (meta.json) nor a '
-                            f'workdir with {CHECKPOINT_DIR}/')
+  fresh initialisation, as do those a conversion leaves out (DTF blocks and the head when
+  inflating ImageNet weights); any other mismatch is an error naming the arrays."""
+  have, keep_fresh = load_init_arrays(path, s)
   current = {'params': state.params, 'batch_stats': state.batch_stats}
   want = traverse_util.flatten_dict(current, sep='/')
-  have = traverse_util.flatten_dict(loaded, sep='/')
-  missing = sorted(set(want) - set(have))
+  missing = sorted(set(want) - set(have) - keep_fresh)
   unexpected = sorted(set(have) - set(want))
   reinit = sorted(k for k in set(want) & set(have)
                   if np.shape(want[k]) != np.shape(have[k]) and k.split('/')[1] == 'head')
@@ -329,14 +385,18 @@ def init_from(state: TrainState, path: str, s: Setup) -> TrainState:
                       for k in set(want) & set(have)
                       if np.shape(want[k]) != np.shape(have[k]) and k not in reinit)
   if missing or unexpected or mismatched:
+    hint = (' (config.model.patch_norm=True needs a checkpoint with a patch-embedding norm)'
+            if any('patch_embed_norm' in k for k in missing) else '')
     raise ValueError(f'init_from {path}: missing {missing[:10]}, unexpected {unexpected[:10]}, '
-                     f'shape mismatch {mismatched[:10]}')
+                     f'shape mismatch {mismatched[:10]}{hint}')
+  fresh = set(reinit) | (set(want) - set(have))
   merged = traverse_util.unflatten_dict(
-      {k: old if k in reinit else jax.device_put(np.asarray(have[k], old.dtype), old.sharding)
+      {k: old if k in fresh else jax.device_put(np.asarray(have[k], old.dtype), old.sharding)
        for k, old in want.items()}, sep='/')
   if reinit:
     log(f'init_from {path}: classifier re-initialised ({", ".join(reinit)})')
-  log(f'init_from {path}: loaded {len(want) - len(reinit)} arrays')
+  log(f'init_from {path}: loaded {len(want) - len(fresh)} arrays, {len(fresh)} freshly '
+      f'initialised')
   params = merged['params']
   return state.replace(params=params, batch_stats=merged.get('batch_stats', {}),
                        opt_state=jax.jit(s.tx.init, out_shardings=s.state_sharding.opt_state)(
@@ -362,8 +422,11 @@ def train_data(config, s: Setup, start_index: int):
       s.train_source, batch_size=per_host, clip_length=config.data.clip_length,
       stride=config.data.stride, size=config.data.size, crop=config.data.crop,
       scale_range=tuple(config.data.scale_range), area_range=tuple(config.data.area_range),
+      aspect_range=tuple(config.data.aspect_range),
       flip=config.data.flip, flip_pairs=tuple(map(tuple, config.data.flip_pairs)),
-      colour_jitter=config.data.colour_jitter,
+      colour_jitter=tuple(config.data.colour_jitter),
+      colour_jitter_prob=config.data.colour_jitter_prob, grayscale_prob=config.data.grayscale_prob,
+      blur_prob=config.data.blur_prob, blur_sigma=tuple(config.data.blur_sigma),
       shuffle_buffer=config.data.shuffle_buffer, seed=config.seed, start_index=start_index,
       process_index=jax.process_index())
 
@@ -505,13 +568,14 @@ class _Preemption:
     return bool(flag) or manager.reached_preemption(step)
 
 
-def write_config(config, workdir: str) -> None:
+def write_config(config, workdir: str, class_names) -> None:
+  """``workdir/config.json``: the resolved config plus the training data's ``class_names`` (what
+  ``dtf_jax.pretrained.load_pretrained(workdir)`` rebuilds the model from)."""
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, 'config.json')
-    with open(path + '.tmp', 'w') as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    os.replace(path + '.tmp', path)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    data = json.loads(config.to_json_best_effort())
+    data['class_names'] = list(class_names)
+    write_json_atomic(epath.Path(workdir) / CONFIG_FILE, data)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, with_eval: bool = False,
@@ -520,7 +584,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, with_eval: bool = Fal
   with ``with_eval``, the last eval results. ``stop_after``: save and return after that many
   steps of this call (a time-limited job; the next call resumes)."""
   s = setup(config)
-  write_config(config, workdir)
+  write_config(config, workdir, s.train_source.class_names)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   manager = checkpoint_manager(workdir, config.keep_checkpoints)
   progress = {'step': 0, 'data_index': 0}

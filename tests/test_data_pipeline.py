@@ -286,14 +286,16 @@ def test_crop_windows():
 
 
 def test_random_resized_crop_and_colour_jitter(records):
-  batch = next(_train(records, crop='random_resized_crop', colour_jitter=0.4, batch_size=10))
+  batch = next(_train(records, batch_size=10, **pipeline.RELEASED_AUGMENTATION))
   assert batch['video'].shape == (10, 4, 32, 32, 3)
   lo, hi = (0 - MEAN) / STD, (255 - MEAN) / STD
   assert np.all(batch['video'] >= lo - 1e-3) and np.all(batch['video'] <= hi + 1e-3)
-  # The jitter factors are drawn once per clip: equal frames stay equal.
+  # The jitter factors are drawn once per clip: equal frames stay equal (tests/test_data_augment.py
+  # checks the colour ops against NumPy).
   clip = tf.constant(np.repeat(_frame(3, 16, 16)[None], 4, 0), tf.float32)
   for s in range(5):
-    out = ops.colour_jitter(clip, tf.constant([s, 0]), 0.4, grayscale_prob=0.5).numpy()
+    out = ops.colour_jitter(clip, tf.constant([s, 0]), 0.4, 0.4, 0.4, 0.1, prob=1.0)
+    out = ops.random_grayscale(out, tf.constant([s, 1]), prob=0.5).numpy()
     assert np.ptp(out, axis=0).max() < 1e-4 and out.min() >= 0 and out.max() <= 255.0 + 1e-3
 
 

@@ -206,7 +206,7 @@ def test_init_from_pretrained_reinitialises_other_head(dataset, tmp_path):
   with pytest.raises(ValueError, match=r'stage1_block0/temporal/filter_kernel: '
                      r'checkpoint \(4, 17, 3\) vs model \(8, 17, 5\)'):
     train.init_from(s.init_state(), config.init_from, s)
-  with pytest.raises(FileNotFoundError, match='neither a pretrained dir'):
+  with pytest.raises(FileNotFoundError, match='neither a dtf_jax pretrained directory'):
     train.init_from(s.init_state(), str(tmp_path), s)
 
 
@@ -335,3 +335,88 @@ def test_config_files_and_arguments():
     base.parse_arg('ucf', frames=16, dataset='k400')
   with pytest.raises(ValueError, match='dataset must be one of'):
     base.parse_arg('dataset=ucf', frames=16, dataset='k400')
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixup / CutMix, and starting from an ImageNet checkpoint file through main.py.
+
+
+def test_mixup_and_cutmix_against_direct_computation():
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from dtf_jax import train  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  video = rng.normal(size=(4, 3, 8, 10, 3)).astype(np.float32)
+  labels = np.array([0, 1, 2, 3])
+  targets = np.eye(5, dtype=np.float32)[labels]
+  mix = jax.jit(train.mix_batch, static_argnums=(3, 4))
+  kinds = set()
+  for seed in range(12):
+    for mixup, cutmix in ((0.8, 0.0), (0.0, 1.0), (0.8, 1.0)):
+      out, soft = (np.asarray(x) for x in mix(jax.random.PRNGKey(seed), jnp.asarray(video),
+                                                jnp.asarray(targets), mixup, cutmix))
+      np.testing.assert_allclose(soft.sum(1), 1.0, rtol=1e-6)
+      lam = soft[0, 0]  # example 0 is mixed with example 3: lam on label 0, 1 - lam on label 3
+      np.testing.assert_allclose(soft[0, 3], 1 - lam, rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(soft, lam * targets + (1 - lam) * targets[::-1], atol=1e-6)
+      partner = video[::-1]
+      if np.allclose(out, lam * video + (1 - lam) * partner, atol=1e-5) and 0 < lam < 1:
+        kinds.add('mixup')
+        assert cutmix == 0.0 or mixup > 0
+        continue
+      # CutMix: one box, the same in every example and frame, taken from the partner.
+      from_partner = np.all(out == partner, axis=(0, 1, 4)) & ~np.all(out == video, axis=(0, 1, 4))
+      assert np.all((out == video) | (out == partner))
+      rows, cols = np.nonzero(from_partner)
+      if rows.size:
+        box = np.zeros_like(from_partner)
+        box[rows.min():rows.max() + 1, cols.min():cols.max() + 1] = True
+        np.testing.assert_array_equal(from_partner, box)
+      np.testing.assert_allclose(1 - lam, from_partner.mean(), atol=1e-6)
+      kinds.add('cutmix')
+      assert mixup == 0.0 or cutmix > 0
+  assert kinds == {'mixup', 'cutmix'}
+
+
+def test_init_from_imagenet_file_through_main(dataset, tmp_path):
+  """A torchvision-layout ResNet file (one bottleneck per stage, real key names) inflated into the
+  quickstart DTF model by main.py; with lr 0 the trained checkpoint keeps the converted weights,
+  and the workdir loads back with load_pretrained."""
+  import torch  # pylint: disable=import-outside-toplevel
+  sys.path.insert(0, os.path.join(REPO, 'tests'))
+  from test_inflation import torchvision  # pylint: disable=import-outside-toplevel
+  from dtf_jax import convert  # pylint: disable=import-outside-toplevel
+  from dtf_jax.pretrained import load_pretrained, read_meta  # pylint: disable=import-outside-toplevel
+  torch.manual_seed(0)
+  net = torchvision.models.resnet.ResNet(torchvision.models.resnet.Bottleneck, [1, 1, 1, 1])
+  src = tmp_path / 'resnet_1111.pth'
+  torch.save(net.state_dict(), src)
+  workdir = tmp_path / 'run'
+  proc = _main('--config=configs/quickstart.py', f'--workdir={workdir}',
+               f'--config.data.dataset=tfrecord:{dataset}', f'--config.init_from={src}',
+               '--config.init_stem=average', '--config.model.width=64',
+               '--config.model.early_stride=2', '--config.data.clip_length=4',
+               '--config.data.stride=2', '--config.total_steps=2', '--config.batch_size=8',
+               '--config.data.shuffle_buffer=32', '--config.lr.base=0', '--config.log_every_steps=1',
+               '--config.mixup_alpha=0.8', '--config.cutmix_alpha=1.0', timeout=400)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  log = proc.stdout + proc.stderr
+  assert 'imagenet_resnet checkpoint (torchvision layout)' in log
+  assert 'conv1.weight -> stem_conv/kernel: 2D kernel inflated to 2 frames (average)' in log
+  assert 'params/stage4_block0/temporal/filter_kernel' in log and 'new classifier head' in log
+
+  model, variables = load_pretrained(str(workdir))
+  assert model.width == 64 and model.early_stride == 2 and model.num_classes == 8
+  meta = read_meta(str(workdir))
+  with open(os.path.join(dataset, 'label_map.json')) as f:
+    label_map = json.load(f)
+  assert meta['class_names'] == sorted(label_map, key=label_map.get)
+  loaded, report = convert.map_state_dict(model, net.state_dict(), stem_init='average')
+  params = _flat(variables['params'])
+  for path, value in loaded['params'].items():
+    np.testing.assert_array_equal(params[path], value, err_msg=path)  # lr 0: unchanged
+  stem = net.state_dict()['conv1.weight'].numpy().transpose(2, 3, 1, 0) / 2
+  np.testing.assert_allclose(params['stem_conv/kernel'], np.stack([stem, stem]), rtol=1e-6)
+  assert {t for t, _, _ in report.initialised} >= {'params/head/kernel', 'params/head/bias'}
+  with pytest.raises(FileNotFoundError, match=r'no checkpoint for step 5 \(steps: \[2\]\)'):
+    load_pretrained(str(workdir), step=5)

@@ -11,11 +11,21 @@ Frame sampling. A clip of ``L`` frames with stride ``s`` spans ``S = (L - 1) * s
          cases: the clip covers the whole video once, in temporal order, each frame repeated about
          ``L / D`` times (never looping back to the start, which would fake a motion reversal).
 
+Colour augmentation (the released DTF/SIFA train transform, torchvision semantics, every frame
+of a clip with the same random parameters), on float clips in 0..255:
+  ``colour_jitter``       with probability ``prob``: brightness, contrast, saturation and hue
+                          adjustments (``adjust_*``) in a random order (``colour_jitter_params``).
+  ``random_grayscale``    3-channel luma ``0.299 R + 0.587 G + 0.114 B`` with probability ``prob``.
+  ``random_gaussian_blur`` with probability ``prob``, a separable Gaussian (``gaussian_blur``) of a
+                          random sigma, edge-padded.
+
 Randomness is stateless: every random op takes a ``seed`` tensor of shape [2] (``split_seeds``
 makes independent ones), so a pipeline with a fixed seed yields the same batches on every run,
 whatever the parallelism.
 """
 
+import functools
+import math
 from typing import Dict, Optional, Sequence, Tuple
 
 from dtf_jax.data import tf
@@ -182,26 +192,167 @@ def random_flip(clip: tf.Tensor, label: tf.Tensor, seed: tf.Tensor,
   return clip, label
 
 
-def colour_jitter(clip: tf.Tensor, seed: tf.Tensor, strength: float = 0.4,
-                  grayscale_prob: float = 0.2, apply_prob: float = 0.8) -> tf.Tensor:
-  """Random brightness, contrast and saturation (factors in ``1 +- strength``, the same for all
-  frames), applied with probability ``apply_prob``, then grayscale with ``grayscale_prob``.
-  ``T H W 3`` float in 0..255 -> same."""
+# Colour augmentation of the released DTF/SIFA train transform (torchvision semantics; one set of
+# random parameters per clip, shared by all its frames). Clips are ``T H W 3`` float32 in 0..255.
+
+LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL's convert('L')
+COLOUR_JITTER_OPS = ('brightness', 'contrast', 'saturation', 'hue')  # torchvision's fn_idx order
+
+
+def check_probability(name: str, value: float) -> None:
+  """Raises ``ValueError`` unless ``0 <= value <= 1``."""
+  if not 0.0 <= value <= 1.0:
+    raise ValueError(f'{name} must be a probability in [0, 1], got {value!r}')
+
+
+def check_colour_jitter(brightness: float, contrast: float, saturation: float,
+                        hue: float) -> None:
+  """Raises ``ValueError`` unless the strengths are >= 0 and ``hue <= 0.5`` (as torchvision)."""
+  for name, value in zip(COLOUR_JITTER_OPS, (brightness, contrast, saturation, hue)):
+    if not value >= 0:
+      raise ValueError(f'colour jitter {name} must be >= 0, got {value!r}')
+  if hue > 0.5:
+    raise ValueError(f'colour jitter hue must be <= 0.5, got {hue!r}')
+
+
+def check_sigma_range(sigma_range: Tuple[float, float]) -> None:
+  """Raises ``ValueError`` unless ``sigma_range`` is ``(lo, hi)`` with ``0 < lo <= hi``."""
+  if len(sigma_range) != 2 or not 0 < sigma_range[0] <= sigma_range[1]:
+    raise ValueError(f'blur sigma range must be (lo, hi) with 0 < lo <= hi, got {sigma_range!r}')
+
+
+def _mix_channels(x: tf.Tensor, matrix: tf.Tensor) -> tf.Tensor:
+  """``T H W 3`` -> ``T H W C``: every pixel times ``matrix`` [3, C] (as a 1x1 convolution, several
+  times faster on CPU than a product and a sum over the channels)."""
+  return tf.nn.conv2d(x, tf.cast(matrix, x.dtype)[None, None], 1, 'VALID')
+
+
+def grayscale(x: tf.Tensor, channels: int = 1) -> tf.Tensor:
+  """``T H W 3`` -> ``T H W channels``: ``0.299 R + 0.587 G + 0.114 B`` in every channel."""
+  return _mix_channels(x, tf.tile(tf.constant(LUMA)[:, None], [1, channels]))
+
+
+def adjust_brightness(x: tf.Tensor, factor) -> tf.Tensor:
+  """``T H W 3`` in [0, 1] -> ``clamp(x * factor)`` (torchvision ``adjust_brightness``)."""
+  return tf.clip_by_value(x * factor, 0.0, 1.0)
+
+
+def adjust_contrast(x: tf.Tensor, factor) -> tf.Tensor:
+  """``T H W 3`` in [0, 1] -> ``clamp(factor * x + (1 - factor) * m)``, ``m`` the mean grayscale
+  of each frame (torchvision ``adjust_contrast`` is per image)."""
+  mean_rgb = tf.reduce_mean(x, axis=[1, 2], keepdims=True)  # T 1 1 3
+  mean = tf.reduce_sum(mean_rgb * tf.constant(LUMA, x.dtype), axis=-1, keepdims=True)  # T 1 1 1
+  return tf.clip_by_value(factor * x + (1 - factor) * mean, 0.0, 1.0)
+
+
+def adjust_saturation(x: tf.Tensor, factor) -> tf.Tensor:
+  """``T H W 3`` in [0, 1] -> ``clamp(factor * x + (1 - factor) * grayscale(x))``."""
+  factor = tf.cast(factor, x.dtype)
+  luma = tf.tile(tf.constant(LUMA, x.dtype)[:, None], [1, 3])
+  return tf.clip_by_value(_mix_channels(x, factor * tf.eye(3, dtype=x.dtype)
+                                        + (1 - factor) * luma), 0.0, 1.0)
+
+
+def adjust_hue(x: tf.Tensor, shift) -> tf.Tensor:
+  """``T H W 3`` in [0, 1] -> RGB to HSV, ``h = (h + shift) mod 1``, back to RGB."""
+  return tf.image.adjust_hue(x, shift)
+
+
+def colour_jitter_params(seed: tf.Tensor, brightness: float, contrast: float, saturation: float,
+                         hue: float) -> Tuple[tf.Tensor, tf.Tensor]:
+  """torchvision ``ColorJitter.get_params``: ``order`` int32 [4], a random permutation of
+  ``COLOUR_JITTER_OPS`` indices, and ``factors`` float32 [4]: brightness, contrast and saturation
+  factors ~ ``U[max(0, 1 - v), 1 + v]`` and a hue shift ~ ``U[-hue, hue]``."""
   seeds = split_seeds(seed, 5)
+  order = tf.cast(tf.argsort(tf.random.stateless_uniform([4], seeds[0])), tf.int32)
+  factors = [tf.random.stateless_uniform([], seeds[i + 1], max(0.0, 1.0 - v), 1.0 + v)
+             for i, v in enumerate((brightness, contrast, saturation))]
+  factors.append(tf.random.stateless_uniform([], seeds[4], -hue, hue))
+  return order, tf.stack(factors)
+
+
+def apply_colour_jitter(clip: tf.Tensor, order: tf.Tensor, factors: tf.Tensor,
+                        enabled: Sequence[bool] = (True,) * 4) -> tf.Tensor:
+  """``T H W 3`` float in 0..255 -> same: the adjustments ``order[0], ..., order[3]`` (indices
+  into ``COLOUR_JITTER_OPS``) with ``factors`` [4], in that order. Ops not ``enabled`` are skipped
+  (what torchvision does for a strength of 0)."""
+  adjust = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+
+  def branch(k, x):
+    return adjust[k](x, factors[k]) if enabled[k] else x
+
   x = clip / 255.0
-
-  def jitter(x):
-    x = x * tf.random.stateless_uniform([], seeds[0], 1 - strength, 1 + strength)
-    mean = tf.reduce_mean(x, axis=[1, 2, 3], keepdims=True)
-    x = (x - mean) * tf.random.stateless_uniform([], seeds[1], 1 - strength, 1 + strength) + mean
-    gray = tf.image.rgb_to_grayscale(x)
-    x = (x - gray) * tf.random.stateless_uniform([], seeds[2], 1 - strength, 1 + strength) + gray
-    return tf.clip_by_value(x, 0.0, 1.0)
-
-  x = tf.cond(tf.random.stateless_uniform([], seeds[3]) < apply_prob, lambda: jitter(x), lambda: x)
-  x = tf.cond(tf.random.stateless_uniform([], seeds[4]) < grayscale_prob,
-              lambda: tf.tile(tf.image.rgb_to_grayscale(x), [1, 1, 1, 3]), lambda: x)
+  for i in range(4):
+    x = tf.switch_case(order[i], [functools.partial(branch, k, x) for k in range(4)])
   return x * 255.0
+
+
+def colour_jitter(clip: tf.Tensor, seed: tf.Tensor, brightness: float = 0.4,
+                  contrast: float = 0.4, saturation: float = 0.4, hue: float = 0.1,
+                  prob: float = 0.8) -> tf.Tensor:
+  """``RandomApply([ColorJitter(brightness, contrast, saturation, hue)], p=prob)`` on a clip.
+
+  ``T H W 3`` float in 0..255 -> same. ``split_seeds(seed, 2)``: [0] draws whether to apply,
+  [1] the order and factors (``colour_jitter_params``), the same for every frame."""
+  check_colour_jitter(brightness, contrast, saturation, hue)
+  check_probability('colour jitter prob', prob)
+  seeds = split_seeds(seed, 2)
+  strengths = (brightness, contrast, saturation, hue)
+  order, factors = colour_jitter_params(seeds[1], *strengths)
+  enabled = [v > 0 for v in strengths]
+  return tf.cond(tf.random.stateless_uniform([], seeds[0]) < prob,
+                 lambda: apply_colour_jitter(clip, order, factors, enabled), lambda: clip)
+
+
+def random_grayscale(clip: tf.Tensor, seed: tf.Tensor, prob: float = 0.2) -> tf.Tensor:
+  """``RandomGrayscale(prob)``: ``T H W 3`` -> its 3-channel ``grayscale`` with probability
+  ``prob`` (all frames alike), else unchanged. Any value range (the op is linear)."""
+  check_probability('grayscale prob', prob)
+  return tf.cond(tf.random.stateless_uniform([], seed) < prob,
+                 lambda: grayscale(clip, 3), lambda: clip)
+
+
+def gaussian_kernel(sigma, radius: int) -> tf.Tensor:
+  """float32 [2 radius + 1]: ``exp(-k^2 / (2 sigma^2))``, ``k = -radius .. radius``, normalised."""
+  k = tf.cast(tf.range(-radius, radius + 1), tf.float32)
+  sigma = tf.cast(sigma, tf.float32)
+  weights = tf.exp(-k * k / (2.0 * sigma * sigma))
+  return weights / tf.reduce_sum(weights)
+
+
+def _edge_pad(x: tf.Tensor, radius: int, axis: int) -> tf.Tensor:
+  """Extends ``axis`` by ``radius`` copies of the first and of the last slice."""
+  n = tf.shape(x)[axis]
+  return tf.gather(x, tf.clip_by_value(tf.range(-radius, n + radius), 0, n - 1), axis=axis)
+
+
+def gaussian_blur(clip: tf.Tensor, sigma, radius: int = 6) -> tf.Tensor:
+  """Separable Gaussian blur of standard deviation ``sigma`` (a float or scalar tensor) of every
+  frame: ``T H W C`` -> same, float32. The kernel is truncated at ``radius`` (``2 radius + 1``
+  taps, 6 = 3 x the largest sigma 2.0 of the released recipe) and normalised; the borders are
+  extended by repeating the edge pixels (edge padding, like PIL's ``GaussianBlur``; not zeros)."""
+  clip = tf.cast(clip, tf.float32)
+  channels = clip.shape[-1]
+  kernel = gaussian_kernel(sigma, radius)
+  taps = tf.tile(kernel[:, None, None, None], [1, 1, channels, 1])  # H-pass filter, 2r+1 1 C 1
+  x = tf.nn.depthwise_conv2d(_edge_pad(clip, radius, 1), taps, [1, 1, 1, 1], 'VALID')
+  x = tf.nn.depthwise_conv2d(_edge_pad(x, radius, 2), tf.transpose(taps, [1, 0, 2, 3]),
+                             [1, 1, 1, 1], 'VALID')
+  return x
+
+
+def random_gaussian_blur(clip: tf.Tensor, seed: tf.Tensor, prob: float = 0.5,
+                         sigma_range: Tuple[float, float] = (0.1, 2.0)) -> tf.Tensor:
+  """With probability ``prob``, ``gaussian_blur`` with ``sigma ~ U[sigma_range]`` (all frames
+  alike; kernel radius ``ceil(3 * sigma_range[1])``), else unchanged. ``T H W 3`` -> same.
+  ``split_seeds(seed, 2)``: [0] draws whether to apply, [1] sigma."""
+  check_probability('blur prob', prob)
+  check_sigma_range(sigma_range)
+  seeds = split_seeds(seed, 2)
+  sigma = tf.random.stateless_uniform([], seeds[1], sigma_range[0], sigma_range[1])
+  radius = math.ceil(3 * sigma_range[1])
+  return tf.cond(tf.random.stateless_uniform([], seeds[0]) < prob,
+                 lambda: gaussian_blur(clip, sigma, radius), lambda: clip)
 
 
 def normalize(clip: tf.Tensor, mean: Sequence[float] = IMAGENET_MEAN,

@@ -19,8 +19,9 @@ from all hosts and averaged per video.
 
 Determinism. The train stream is a function of ``seed`` and the process index: epoch ``e`` shuffles
 the host's files and its records with seeds drawn from ``(seed, e)``; element ``n`` of the stream
-draws its clip offset, crop and flip from ``(seed, process, n)``. ``start_index`` skips the first
-``n`` elements (a resumed run continues the same stream); skipping reads records but decodes none.
+draws its clip offset, crop, flip and colour augmentation from ``(seed, process, n)``.
+``start_index`` skips the first ``n`` elements (a resumed run continues the same stream); skipping
+reads records but decodes none.
 """
 
 import dataclasses
@@ -36,6 +37,11 @@ from dtf_jax.data import tf
 AUTOTUNE = tf.data.AUTOTUNE
 TRAIN_CROPS = ('scale_jitter', 'random_resized_crop')
 FLIP_MODES = ('flip', 'none', 'swap_pairs')
+# train_dataset arguments of the released DTF/SIFA train transform (the flip is set per dataset).
+RELEASED_AUGMENTATION = dict(crop='random_resized_crop', area_range=(0.2, 1.0),
+                             aspect_range=(3 / 4, 4 / 3), colour_jitter=(0.4, 0.4, 0.4, 0.1),
+                             colour_jitter_prob=0.8, grayscale_prob=0.2, blur_prob=0.5,
+                             blur_sigma=(0.1, 2.0))
 
 
 def _processes(process_index: Optional[int], process_count: Optional[int]) -> Tuple[int, int]:
@@ -184,7 +190,10 @@ def train_dataset(source: VideoSource, *, batch_size: int, clip_length: int, str
                   area_range: Tuple[float, float] = (0.2, 1.0),
                   aspect_range: Tuple[float, float] = (3 / 4, 4 / 3), flip: str = 'flip',
                   flip_pairs: Sequence[Tuple[int, int]] = ops.SSV2_FLIP_PAIRS,
-                  colour_jitter: float = 0.0, shuffle_buffer: int = 1024, seed: int = 0,
+                  colour_jitter: Tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0),
+                  colour_jitter_prob: float = 0.8, grayscale_prob: float = 0.0,
+                  blur_prob: float = 0.0, blur_sigma: Tuple[float, float] = (0.1, 2.0),
+                  shuffle_buffer: int = 1024, seed: int = 0,
                   start_index: int = 0, dtype=tf.float32, prefetch: int = 2,
                   process_index: Optional[int] = None) -> tf.data.Dataset:
   """Endless stream of batches ``{'video': B T size size 3 (dtype), 'label': B int32}``.
@@ -193,13 +202,28 @@ def train_dataset(source: VideoSource, *, batch_size: int, clip_length: int, str
     or ``'random_resized_crop'`` (``area_range`` of the frame, ``aspect_range``), then ``size``².
   flip: ``'flip'`` (random horizontal flip), ``'none'`` (Something-Something), ``'swap_pairs'``
     (flip, and swap the labels of ``flip_pairs``: SSv2's left/right classes by default).
-  colour_jitter: strength of ``ops.colour_jitter`` (0 = off).
+  colour_jitter: (brightness, contrast, saturation, hue) strengths of ``ops.colour_jitter``
+    (torchvision ``ColorJitter``, random order), applied with probability ``colour_jitter_prob``;
+    all 0 = off. Then ``ops.random_grayscale`` with ``grayscale_prob`` and
+    ``ops.random_gaussian_blur`` with ``blur_prob`` (sigma ~ U[``blur_sigma``]). The released
+    DTF/SIFA recipe (``configs/base.py``): ``crop='random_resized_crop'``,
+    ``colour_jitter=(0.4, 0.4, 0.4, 0.1)``, ``colour_jitter_prob=0.8``, ``grayscale_prob=0.2``,
+    ``blur_prob=0.5``, ``blur_sigma=(0.1, 2.0)``.
   """
   _check(clip_length, stride, size)
   if crop not in TRAIN_CROPS:
     raise ValueError(f'crop must be one of {TRAIN_CROPS}, got {crop!r}')
   if flip not in FLIP_MODES:
     raise ValueError(f'flip must be one of {FLIP_MODES}, got {flip!r}')
+  if isinstance(colour_jitter, (int, float)) or len(colour_jitter) != 4:
+    raise ValueError('colour_jitter must be 4 strengths (brightness, contrast, saturation, hue), '
+                     f'got {colour_jitter!r}')
+  colour_jitter = tuple(float(v) for v in colour_jitter)
+  ops.check_colour_jitter(*colour_jitter)
+  ops.check_probability('colour_jitter_prob', colour_jitter_prob)
+  ops.check_probability('grayscale_prob', grayscale_prob)
+  ops.check_probability('blur_prob', blur_prob)
+  ops.check_sigma_range(tuple(blur_sigma))
   process_index, _ = _processes(process_index, len(source.host_sizes))
   if not source.host_sizes[process_index]:
     raise ValueError(f'process {process_index} has no {source.split} videos in {source.name}')
@@ -214,7 +238,9 @@ def train_dataset(source: VideoSource, *, batch_size: int, clip_length: int, str
     return records.shuffle(shuffle_buffer, seed=_int_seed(epoch_seed))
 
   def make_clip(n, record):
+    # [0] clip offset, [1] crop, [2] flip, [3] -> independent seeds of the colour ops.
     seeds = ops.split_seeds(tf.random.experimental.stateless_fold_in(clips_key, n), 4)
+    jitter_seed, grayscale_seed, blur_seed = tf.unstack(ops.split_seeds(seeds[3], 3))
     frames = record['frames']
     indices = ops.train_clip_indices(tf.shape(frames)[0], clip_length, stride, seeds[0])
     frames = tf.gather(frames, indices)
@@ -225,10 +251,17 @@ def train_dataset(source: VideoSource, *, batch_size: int, clip_length: int, str
       window = ops.random_resized_crop_window(image_hw, area_range, aspect_range, seeds[1])
     clip = ops.resize_clip(ops.decode_frames(frames, source.is_jpeg, window), size, size)
     label = record['label']
+    # The released order is crop, colour jitter, grayscale, blur, flip; the flip commutes with
+    # the colour ops (per pixel, or per frame for contrast's mean) and with the blur (a symmetric
+    # kernel with edge padding), so it stays here.
     if flip != 'none':
       clip, label = ops.random_flip(clip, label, seeds[2], label_table)
-    if colour_jitter:
-      clip = ops.colour_jitter(clip, seeds[3], colour_jitter)
+    if any(colour_jitter) and colour_jitter_prob > 0:
+      clip = ops.colour_jitter(clip, jitter_seed, *colour_jitter, prob=colour_jitter_prob)
+    if grayscale_prob > 0:
+      clip = ops.random_grayscale(clip, grayscale_seed, grayscale_prob)
+    if blur_prob > 0:
+      clip = ops.random_gaussian_blur(clip, blur_seed, blur_prob, tuple(blur_sigma))
     clip = tf.ensure_shape(ops.normalize(clip, dtype=dtype), [clip_length, size, size, 3])
     return {'video': clip, 'label': label}
 

@@ -2,12 +2,14 @@
 
     python -m dtf_jax.tools.benchmark_input --data DIR --split train --clip-length 16 --size 224
     python -m dtf_jax.tools.benchmark_input --data tfds:dtf_synthetic --data-dir D --size 64
+    python -m dtf_jax.tools.benchmark_input --data DIR --skip eval --augment released
 
 ``--data`` is a converter output folder (or ``tfrecord:DIR``) or ``tfds:NAME``. After
 ``--warmup-batches`` untimed batches, times ``--batches`` batches of each pipeline and prints
 clips/s overall and per core (the cores this process may use, or ``--cores``, which also limits
 tf.data's thread pool). The eval pipeline is timed on the same split with ``--num-clips`` x
-``--num-crops`` views per video at ``--eval-size`` (views/s = clips/s).
+``--num-crops`` views per video at ``--eval-size`` (views/s = clips/s). ``--augment released``
+times the train pipeline with the released colour chain (jitter, grayscale, blur) on.
 """
 
 import argparse
@@ -28,10 +30,13 @@ def parse_args(argv=None):
   parser.add_argument('--clip-length', type=int, default=16, help='frames per clip (16).')
   parser.add_argument('--stride', type=int, default=1, help='frame sampling stride (1).')
   parser.add_argument('--size', type=int, default=224, help='train crop size (224).')
-  parser.add_argument('--crop', choices=pipeline.TRAIN_CROPS, default='scale_jitter',
-                      help='train crop (scale_jitter).')
-  parser.add_argument('--colour-jitter', type=float, default=0.0,
-                      help='colour jitter strength (0 = off).')
+  parser.add_argument('--augment', choices=('none', 'released'), default='none',
+                      help='train augmentation: none (crop and flip only) or released (the '
+                      'DTF/SIFA chain: random resized crop, colour jitter, grayscale, blur, flip; '
+                      'pipeline.RELEASED_AUGMENTATION). Default none.')
+  parser.add_argument('--crop', choices=pipeline.TRAIN_CROPS, default=None,
+                      help='train crop (default: scale_jitter, or random_resized_crop with '
+                      '--augment released).')
   parser.add_argument('--batch-size', type=int, default=8, help='clips per batch (8).')
   parser.add_argument('--batches', type=int, default=40, help='timed batches per pipeline (40).')
   parser.add_argument('--warmup-batches', type=int, default=5, help='untimed batches first (5).')
@@ -77,10 +82,13 @@ def main(argv=None) -> int:
         f'(stride {args.stride})', flush=True)
   results = {}
   if args.skip != 'train':
+    augment = dict(pipeline.RELEASED_AUGMENTATION) if args.augment == 'released' else {}
+    augment['crop'] = args.crop or augment.get('crop', 'scale_jitter')
+    print(f'augmentation: {args.augment}, crop {augment["crop"]}', flush=True)
     train = pipeline.train_dataset(
         source, batch_size=args.batch_size, clip_length=args.clip_length, stride=args.stride,
-        size=args.size, crop=args.crop, colour_jitter=args.colour_jitter, process_index=0,
-        shuffle_buffer=min(256, source.num_videos)).with_options(options)
+        size=args.size, process_index=0, shuffle_buffer=min(256, source.num_videos),
+        **augment).with_options(options)
     results['train'] = _time(train, args.batches, args.warmup_batches, 'train')
   if args.skip != 'eval':
     eval_size = args.eval_size or args.size
