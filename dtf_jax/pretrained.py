@@ -46,7 +46,7 @@ def write_json_atomic(path, data) -> None:
   path = epath.Path(path)
   tmp = path.parent / (path.name + '.tmp')
   tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-  tmp.rename(path)
+  tmp.replace(path)
 
 
 def config_model_kwargs(config: Mapping[str, Any]) -> Tuple[str, Dict[str, Any]]:

@@ -406,7 +406,8 @@ def test_convert_cli_round_trip(dtf_swin, tmp_path, capsys):
   torch.save(ref.state_dict(), src)
   convert_torch.main(_cli_args(src, out))
   printed = capsys.readouterr().out
-  assert 'skipped' in printed.lower() and 'Wrote' in printed
+  assert f'layers.0.blocks.1.conv.weight (32, 32, 1, 3): {UNUSED_OFFICIAL}' in printed
+  assert 'Wrote' in printed
 
   meta = json.loads((out / 'meta.json').read_text())
   assert meta['model'] == 'dtf_swin_t'

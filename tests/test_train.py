@@ -183,7 +183,8 @@ def test_init_from_pretrained_reinitialises_other_head(dataset, tmp_path):
   donor_config.data.num_classes = 5
   donor = train.build_model(donor_config, 5)
   video = np.zeros((1, 4, 32, 32, 3), np.float32)
-  variables = donor.init(jax.random.PRNGKey(7), video, train=False)
+  variables = jax.jit(donor.init, static_argnames='train')(jax.random.PRNGKey(7), video,
+                                                          train=False)
   kwargs = train.model_kwargs(donor_config, 5)
   kwargs.pop('dtype')
   pretrained.save_pretrained(str(tmp_path / 'donor'), 'dtf_r50', kwargs, variables)
