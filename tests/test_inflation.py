@@ -258,6 +258,8 @@ def test_swin_patch_norm_drop_is_reported(swin_tiny):
   _, kept = convert.map_state_dict(create_model('dtf_swin_t', num_classes=400, clip_length=CLIP,
                                                 patch_norm=True), sd)
   assert not kept.ignored_keys('patch-embedding norm')
+  assert any(n.startswith('patch-embedding norm loaded') for n in kept.notes)
+  assert 'patch-embedding norm dropped (patch_norm=False)' in report.notes
   assert ('head.fc.weight', (1000, 768), 'ImageNet-1K head (1000 classes) dropped: the model '
           'gets a new one') in kept.ignored
   # A model with a patch norm needs one in the file.

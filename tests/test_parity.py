@@ -7,6 +7,7 @@ activations of deep networks stay O(1). Everything is float32 on both sides.
 """
 
 import copy
+import hashlib
 import json
 import os
 import sys
@@ -411,6 +412,8 @@ def test_convert_cli_round_trip(dtf_swin, tmp_path, capsys):
 
   meta = json.loads((out / 'meta.json').read_text())
   assert meta['model'] == 'dtf_swin_t'
+  assert meta['source']['kind'] == 'dtf' and meta['source']['layout'] == 'official'
+  assert meta['source']['sha256'] == hashlib.sha256(src.read_bytes()).hexdigest()
   assert meta['kwargs']['num_classes'] == TINY_SWIN_CLASSES
   assert meta['kwargs']['clip_length'] == TINY_SWIN_CLIP
   for key, value in TINY_SWIN.items():

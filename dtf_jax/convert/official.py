@@ -392,6 +392,10 @@ def map_state_dict(model, state_dict: Mapping[str, Any], *, source: str = 'auto'
     out[collection][path] = np.array(converted, np.float32, copy=True)
     report.loaded.append((key, shape, f'{collection}/{path}', tuple(want)))
   report.notes += sorted(inflated) + sorted(resized)
+  if from_imagenet and is_swin:
+    report.notes.append('patch-embedding norm loaded (patch_norm=True: the model starts as the 2D '
+                        'network)' if model.patch_norm else
+                        'patch-embedding norm dropped (patch_norm=False)')
 
   official_name = _official_swin_name if is_swin else _official_resnet_name
   missing = []

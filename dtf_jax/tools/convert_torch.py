@@ -1,5 +1,4 @@
-"""Converts a PyTorch checkpoint (official DTF, or ImageNet ResNet / Swin to inflate) into a
-dtf_jax pretrained directory.
+"""Converts an official DTF or an ImageNet ResNet/Swin PyTorch checkpoint to a pretrained dir.
 
     # ImageNet ResNet-50 (torchvision) -> DTF-Net R50, 16 frames, Kinetics-400 head (new)
     python -m dtf_jax.tools.convert_torch --source imagenet_resnet --model dtf_r50 \\
