@@ -29,7 +29,7 @@ import glob
 import json
 import math
 import os
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 from dtf_jax.data import ops
 from dtf_jax.data import tf
