@@ -15,7 +15,7 @@ only the parameters and batch statistics of a step are read, never the optimizer
 """
 
 import json
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -91,11 +91,12 @@ def save_pretrained(directory: str, model_name: str, model_kwargs: Dict[str, Any
   return str(directory)
 
 
-def _latest_step(workdir: epath.Path) -> Tuple[epath.Path, list]:
+def _checkpoint_steps(workdir: epath.Path) -> Tuple[epath.Path, List[int]]:
+  """The trainer's checkpoint directory and its finished steps (as orbax lists them)."""
   checkpoints = workdir / CHECKPOINT_DIR
-  steps = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit() and
-                 (p / STATE_ITEM).exists()) if checkpoints.exists() else []
-  return checkpoints, steps
+  options = ocp.CheckpointManagerOptions(create=False, read_only=True)
+  with ocp.CheckpointManager(checkpoints, item_names=(STATE_ITEM,), options=options) as manager:
+    return checkpoints, sorted(manager.all_steps())
 
 
 def read_meta(path: str) -> Dict[str, Any]:
@@ -148,7 +149,7 @@ def load_pretrained(path: str, step: Optional[int] = None,
     with ocp.StandardCheckpointer() as checkpointer:
       variables = checkpointer.restore(path / VARIABLES_DIR)
     return model, variables
-  checkpoints, steps = _latest_step(path)
+  checkpoints, steps = _checkpoint_steps(path)
   if not steps:
     raise FileNotFoundError(f'{path}: no checkpoint in {checkpoints}')
   if step is None:

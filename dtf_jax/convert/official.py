@@ -46,6 +46,7 @@ UNUSED_OFFICIAL = 'owned but never used by the official model'
 STEP_COUNTER = 'BN step counter'
 NEW_DTF = 'DTF block: keeps its initialisation (alpha 0, the block starts as the identity)'
 NEW_HEAD = 'new classifier head'
+VERIFIED = 'buffer the model computes (verified equal)'
 
 
 class ConversionError(ValueError):
@@ -258,44 +259,36 @@ def _unused_swin_tensor(key: str, layout, temporal: str) -> bool:
   return rest.startswith('conv.') or (rest.startswith('dtf_block.') and layout[block][2] > 0)
 
 
-def _check_fixed(key: str, value: np.ndarray, layout) -> str:
-  """Verifies a tensor that the model computes itself; returns '' if right, else the problem."""
+def _check_fixed(key: str, value: np.ndarray, layout, from_imagenet: bool) -> Tuple[str, str]:
+  """A tensor that the model computes itself -> ``(problem, reason ignored)``, one of them ''.
+
+  An official checkpoint must hold exactly what the model computes. An ImageNet Swin may come
+  from another window or resolution: a buffer laid out unlike ours is recomputed, and a mask of a
+  block the model leaves unshifted is unused."""
   if key.endswith('weights_cor'):
     channels = value.shape[0]
     if np.allclose(value, 1.0 / channels, rtol=1e-5, atol=0):
-      return ''
-    return f'{key}: expected every entry to be 1/C = {1.0 / channels:.6g} (fixed weights)'
-  block, _ = _swin_block(key)
-  if block not in layout:
-    return f'{key}: no such block in the model'
-  res, window, shift = layout[block]
-  if key.endswith('relative_position_index'):
-    if np.array_equal(value, relative_position_index(window)):
-      return ''
-    return f'{key}: differs from the relative position index of window {window}'
-  if shift > 0 and np.allclose(value, shifted_window_mask(res, window, shift)):
-    return ''
-  return f'{key}: differs from the mask of window {window}, shift {shift} (or block unshifted)'
-
-
-def _check_fixed_imagenet(key: str, value: np.ndarray, layout) -> Tuple[str, str]:
-  """(problem, reason ignored) for a buffer of an ImageNet Swin checkpoint: checked where it is
-  laid out as ours (same window and resolution), else recomputed by the model."""
+      return '', 'fixed correlation weights 1/C (verified)'
+    return f'{key}: expected every entry to be 1/C = {1.0 / channels:.6g} (fixed weights)', ''
   block, _ = _swin_block(key)
   if block not in layout:
     return f'{key}: no such block in the model', ''
   res, window, shift = layout[block]
   if key.endswith('relative_position_index'):
-    ours = relative_position_index(window)
+    ours, what = relative_position_index(window), f'the relative position index of window {window}'
   elif shift > 0:
     ours = shifted_window_mask(res, window, shift)
-  else:
+    what = f'the mask of window {window}, shift {shift}'
+  elif from_imagenet:
     return '', f'attention mask the model does not use (block unshifted at {res}x{res} tokens)'
-  if value.shape != ours.shape:
+  else:
+    return (f'{key}: differs from the mask of window {window}, shift {shift} (or block '
+            f'unshifted)', '')
+  if from_imagenet and value.shape != ours.shape:
     return '', f'buffer recomputed by the model (window {window}, {res}x{res} tokens)'
-  if np.allclose(value, ours):
-    return '', 'buffer the model computes (verified equal)'
-  return f'{key}: differs from what the model computes for window {window}, shift {shift}', ''
+  if value.shape == ours.shape and np.allclose(value, ours):
+    return '', VERIFIED
+  return f'{key}: differs from {what}', ''
 
 
 def map_state_dict(model, state_dict: Mapping[str, Any], *, source: str = 'auto',
@@ -345,12 +338,7 @@ def map_state_dict(model, state_dict: Mapping[str, Any], *, source: str = 'auto'
       report.ignored.append((key, shape, UNUSED_OFFICIAL))
       continue
     if key.endswith(('weights_cor', 'relative_position_index', 'attn_mask')):
-      if from_imagenet:
-        problem, reason = _check_fixed_imagenet(official, value, swin_layout)
-      else:
-        problem = _check_fixed(key, value, swin_layout)
-        reason = ('fixed correlation weights 1/C (verified)' if key.endswith('weights_cor') else
-                  'buffer the model computes (verified equal)')
+      problem, reason = _check_fixed(official, value, swin_layout, from_imagenet)
       (bad_fixed.append(problem) if problem else report.ignored.append((key, shape, reason)))
       continue
     renamed = rename(official)
@@ -457,13 +445,13 @@ def convert_state_dict(model_name: str, state_dict: Mapping[str, Any], *, num_cl
   ``image_size`` for Swin). Raises :class:`ConversionError` listing every problem. With
   ``return_report=True`` returns ``(variables, report)``.
   """
+  tensors = unwrap_state_dict(state_dict)
   if source in ('imagenet_swin', 'auto') and 'swin' in model_name:
-    detected = imagenet.detect_source({k: np.shape(v) for k, v in
-                                       unwrap_state_dict(state_dict).items()})[0]
+    detected = imagenet.detect_source({k: v.shape for k, v in tensors.items()})[0]
     if detected == 'imagenet_swin':
       kwargs.setdefault('patch_norm', not drop_patch_norm)
   model = create_model(model_name, num_classes=num_classes, clip_length=clip_length, **kwargs)
-  loaded, report = map_state_dict(model, state_dict, source=source, stem_init=stem_init,
+  loaded, report = map_state_dict(model, tensors, source=source, stem_init=stem_init,
                                   keep_head=keep_head)
   if report.initialised:
     fresh = init_variables(model, [target for target, _, _ in report.initialised], seed)

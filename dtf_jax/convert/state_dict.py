@@ -30,7 +30,7 @@ def _to_numpy(value) -> np.ndarray:
     value = value.float().numpy() if value.is_floating_point() else value.numpy()
   value = np.asarray(value)
   if value.dtype.kind == 'f' or value.dtype.name == 'bfloat16':
-    value = value.astype(np.float32)
+    value = value.astype(np.float32, copy=False)
   return value
 
 
@@ -49,13 +49,19 @@ def unwrap_state_dict(state_dict: Mapping[str, Any]) -> Dict[str, np.ndarray]:
   return out
 
 
-def read_state_dict(path: str) -> Dict[str, np.ndarray]:
+def read_state_dict(path: str, return_sha256: bool = False):
   """``.pth`` / ``.pt`` / ``.safetensors`` file -> ``{key: numpy array}`` (unwrapped, see
-  :func:`unwrap_state_dict`). Raises ``FileNotFoundError`` or :class:`CheckpointReadError`."""
+  :func:`unwrap_state_dict`); with ``return_sha256``, also the hex SHA-256 of the file's bytes
+  (read once). Raises ``FileNotFoundError`` or :class:`CheckpointReadError`."""
   path = epath.Path(path)
   if not path.exists():
     raise FileNotFoundError(f'checkpoint file not found: {path}')
   data = path.read_bytes()
+  tensors = _parse_state_dict(path, data)
+  return (tensors, hashlib.sha256(data).hexdigest()) if return_sha256 else tensors
+
+
+def _parse_state_dict(path: epath.Path, data: bytes) -> Dict[str, np.ndarray]:
   if path.name.endswith(SAFETENSORS_SUFFIX):
     import safetensors.numpy  # pylint: disable=import-outside-toplevel
     try:
@@ -78,12 +84,3 @@ def read_state_dict(path: str) -> Dict[str, np.ndarray]:
   if not isinstance(state, Mapping):
     raise CheckpointReadError(f'{path} holds a {type(state).__name__}, not a state dict')
   return unwrap_state_dict(state)
-
-
-def file_sha256(path: str) -> str:
-  """Hex SHA-256 of a file's bytes (recorded in ``meta.json``)."""
-  digest = hashlib.sha256()
-  with epath.Path(path).open('rb') as f:
-    for block in iter(lambda: f.read(1 << 24), b''):
-      digest.update(block)
-  return digest.hexdigest()

@@ -97,7 +97,7 @@ def main(argv=None):
   start = time.time()
   print(f'Reading {args.input}')
   try:
-    state = convert.read_state_dict(args.input)
+    state, sha256 = convert.read_state_dict(args.input, return_sha256=True)
   except (FileNotFoundError, ImportError, convert.CheckpointReadError) as e:
     sys.exit(str(e))
   try:
@@ -108,14 +108,14 @@ def main(argv=None):
   except (convert.ConversionError, ValueError) as e:
     sys.exit(str(e))
   print(report.format())
-  if report.source == 'imagenet_swin':
-    kwargs.setdefault('patch_norm', not args.drop_patch_norm)
-  source = {'kind': report.source, 'layout': report.layout, 'file': args.input,
-            'sha256': convert.file_sha256(args.input)}
+  has_patch_norm = 'patch_embed_norm' in variables['params']
+  if has_patch_norm:  # inflation switched it on
+    kwargs['patch_norm'] = True
+  source = {'kind': report.source, 'layout': report.layout, 'file': args.input, 'sha256': sha256}
   if report.source != 'dtf':
     source.update(stem_init=args.stem_init, keep_head=args.keep_head, seed=args.seed)
   if report.source == 'imagenet_swin':
-    source['patch_norm'] = 'dropped' if args.drop_patch_norm else 'kept'
+    source['patch_norm'] = 'kept' if has_patch_norm else 'dropped'
   model_kwargs = dict(num_classes=args.num_classes, clip_length=args.clip_length, **kwargs)
   out = save_pretrained(args.output, args.model, model_kwargs, variables,
                         overwrite=args.overwrite, source=source, class_names=class_names)
