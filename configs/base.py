@@ -121,7 +121,9 @@ def get_base_config(dataset: str = 'k400') -> ml_collections.ConfigDict:
                                    # (2D kernel at the middle frame, the released code) or 'average'
 
   c.distributed = ml_collections.ConfigDict()
-  c.distributed.initialize = False   # call jax.distributed.initialize() (multi-host)
+  # jax.distributed.initialize(): 'auto' where a multi-host environment is detected (Cloud TPU
+  # pod slices, SLURM, Open MPI, JAX_COORDINATOR_ADDRESS; see dtf_jax/multihost.py), 'yes', 'no'.
+  c.distributed.initialize = 'auto'
   c.distributed.coordinator_address = ''  # '' = auto-detect (TPU pods, SLURM, ...)
   c.distributed.num_processes = 0
   c.distributed.process_id = -1

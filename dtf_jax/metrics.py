@@ -8,10 +8,11 @@ views (the paper's protocol). Files written by ``write_eval_report`` (atomically
 """
 
 import json
-import os
 from typing import Dict, Optional, Sequence
 
 import numpy as np
+
+from dtf_jax import storage
 
 
 def aggregate_views(scores: np.ndarray, video_index: np.ndarray, num_videos: int):
@@ -48,13 +49,6 @@ def confusion_matrix(predictions: np.ndarray, labels: np.ndarray, num_classes: i
   return matrix
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'wb') as f:
-    f.write(data)
-  os.replace(tmp, path)
-
-
 def plot_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], path: str) -> None:
   """Saves the row-normalised ``matrix`` as a PNG (class names on the axes up to 50 classes)."""
   import io  # pylint: disable=import-outside-toplevel
@@ -75,18 +69,18 @@ def plot_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], path: 
   buffer = io.BytesIO()
   fig.savefig(buffer, format='png', dpi=100, bbox_inches='tight')
   plt.close(fig)
-  _atomic_write(path, buffer.getvalue())
+  storage.write_bytes(path, buffer.getvalue())
 
 
 def write_eval_report(directory: str, video_scores: np.ndarray, labels: np.ndarray,
                       video_ids: Sequence[str], class_names: Sequence[str],
                       extra: Optional[dict] = None) -> Dict[str, float]:
   """Computes the metrics of ``N C`` video scores and writes the three report files."""
-  os.makedirs(directory, exist_ok=True)
+  directory = storage.path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
   metrics = classification_metrics(video_scores, labels)
   results = dict(metrics, **(extra or {}))
-  _atomic_write(os.path.join(directory, 'eval_results.json'),
-                json.dumps(results, indent=2).encode())
+  storage.write_json(directory / 'eval_results.json', results)
   order = np.argsort(-video_scores, axis=1, kind='stable')[:, :5]
   lines = []
   for i, video_id in enumerate(video_ids):
@@ -95,7 +89,7 @@ def write_eval_report(directory: str, video_scores: np.ndarray, labels: np.ndarr
         'id': video_id, 'label': int(labels[i]), 'label_name': class_names[labels[i]],
         'top5': [int(c) for c in top], 'top5_names': [class_names[c] for c in top],
         'top5_scores': [round(float(video_scores[i, c]), 6) for c in top]}))
-  _atomic_write(os.path.join(directory, 'predictions.jsonl'), ('\n'.join(lines) + '\n').encode())
+  storage.write_text(directory / 'predictions.jsonl', '\n'.join(lines) + '\n')
   plot_confusion_matrix(confusion_matrix(order[:, 0], labels, len(class_names)), class_names,
-                        os.path.join(directory, 'confusion_matrix.png'))
+                        directory / 'confusion_matrix.png')
   return metrics

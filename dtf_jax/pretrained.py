@@ -11,10 +11,10 @@ A pretrained directory holds ``variables/`` (an orbax checkpoint of ``{'params',
 and ``meta.json``: ``{"model": name, "kwargs": {...create_model arguments}, "class_names": [...]
 or null, "source": {...where the weights came from}}``. A trainer workdir holds ``config.json``
 (the resolved config plus the ``class_names`` of its training data) and ``checkpoints/STEP/``;
-only the parameters and batch statistics of a step are read, never the optimizer state.
+only the parameters and batch statistics of a step are read, never the optimizer state. Paths
+may be local or URLs (``gs://bucket/...``; see ``dtf_jax.storage``).
 """
 
-import json
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -24,6 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from dtf_jax import storage
 from dtf_jax.models import create_model, size_kwargs
 
 META_FILE = 'meta.json'
@@ -39,14 +40,6 @@ def _json_ready(value):
   if not isinstance(value, (int, float, str, bool, list, type(None))):
     return str(jnp.dtype(value))  # dtypes
   return value
-
-
-def write_json_atomic(path, data) -> None:
-  """Writes ``data`` as JSON to ``path`` (local or remote) through a renamed temporary file."""
-  path = epath.Path(path)
-  tmp = path.parent / (path.name + '.tmp')
-  tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-  tmp.replace(path)
 
 
 def config_model_kwargs(config: Mapping[str, Any]) -> Tuple[str, Dict[str, Any]]:
@@ -70,12 +63,10 @@ def save_pretrained(directory: str, model_name: str, model_kwargs: Dict[str, Any
 
   ``model_kwargs`` must include ``num_classes`` and ``clip_length``; ``source`` describes where
   the weights came from (kind, file, sha256, inflation choices); ``class_names`` the classifier's
-  classes in order. Both files are written atomically (orbax renames a finished temporary
-  directory; ``meta.json`` is renamed into place).
+  classes in order. Both files are written atomically (orbax finalises a temporary directory;
+  ``meta.json`` by ``storage.write_json``).
   """
-  directory = epath.Path(directory)
-  if '://' not in str(directory):
-    directory = directory.absolute()
+  directory = storage.path(directory)
   target = directory / VARIABLES_DIR
   if target.exists() and not overwrite:
     raise FileExistsError(f'{target} exists; pass overwrite=True (--overwrite) to replace it.')
@@ -87,7 +78,7 @@ def save_pretrained(directory: str, model_name: str, model_kwargs: Dict[str, Any
   meta = {'model': model_name, 'kwargs': {k: _json_ready(v) for k, v in model_kwargs.items()},
           'class_names': list(class_names) if class_names is not None else None,
           'source': source}
-  write_json_atomic(directory / META_FILE, meta)
+  storage.write_json(directory / META_FILE, meta, sort_keys=True)
   return str(directory)
 
 
@@ -101,14 +92,14 @@ def _checkpoint_steps(workdir: epath.Path) -> Tuple[epath.Path, List[int]]:
 
 def read_meta(path: str) -> Dict[str, Any]:
   """``{'model', 'kwargs', 'class_names', 'source'}`` of a pretrained directory or a workdir."""
-  path = epath.Path(path)
+  path = storage.path(path)
   if (path / META_FILE).exists():
-    meta = json.loads((path / META_FILE).read_text())
+    meta = storage.read_json(path / META_FILE)
     meta.setdefault('class_names', None)
     meta.setdefault('source', None)
     return meta
   if (path / CONFIG_FILE).exists():
-    config = json.loads((path / CONFIG_FILE).read_text())
+    config = storage.read_json(path / CONFIG_FILE)
     name, kwargs = config_model_kwargs(config)
     kwargs['dtype'] = str(kwargs['dtype'])
     return {'model': name, 'kwargs': kwargs, 'class_names': config.get('class_names'),
@@ -142,7 +133,7 @@ def load_pretrained(path: str, step: Optional[int] = None,
   if isinstance(kwargs.get('dtype'), str):
     kwargs['dtype'] = jnp.dtype(kwargs['dtype'])
   model = create_model(meta['model'], **kwargs)
-  path = epath.Path(path)
+  path = storage.path(path)
   if (path / META_FILE).exists():
     if step is not None:
       raise ValueError(f'{path} is a pretrained directory: it has no steps (step={step})')

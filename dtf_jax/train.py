@@ -16,7 +16,6 @@ from the latest one and continues the same data stream; SIGTERM saves and exits 
 import dataclasses
 import functools
 import json
-import os
 import signal
 import time
 from typing import Any, Dict, Optional, Tuple
@@ -27,7 +26,6 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from etils import epath
 from flax import struct
 from flax import traverse_util
 from jax.experimental import multihost_utils
@@ -39,8 +37,8 @@ from dtf_jax import convert
 from dtf_jax import metrics as metrics_lib
 from dtf_jax.models import create_model, list_models
 from dtf_jax.models.swin import SwinTransformer
-from dtf_jax.pretrained import CHECKPOINT_DIR, CONFIG_FILE, config_model_kwargs, load_pretrained, \
-    write_json_atomic
+from dtf_jax import multihost, storage
+from dtf_jax.pretrained import CHECKPOINT_DIR, CONFIG_FILE, config_model_kwargs, load_pretrained
 
 from clu import metric_writers, parameter_overview, periodic_actions  # noqa: E402
 
@@ -90,6 +88,20 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   check(config.init_stem in convert.STEM_INITS, 'init_stem', f'must be in {convert.STEM_INITS}')
   for field in ('mixup_alpha', 'cutmix_alpha'):
     check(config[field] >= 0, field, f'must be >= 0 (0 = off), got {config[field]}')
+  try:
+    multihost.normalise_mode(config.distributed.initialize)
+  except ValueError as e:
+    check(False, 'distributed.initialize', str(e))
+  if config.data.dataset.startswith('tfrecord:'):
+    try:
+      storage.path(config.data.dataset[len('tfrecord:'):])
+    except ValueError as e:
+      check(False, 'data.dataset', str(e))
+  if config.init_from:
+    try:
+      storage.path(config.init_from)
+    except ValueError as e:
+      check(False, 'init_from', str(e))
 
 
 def make_mesh(fsdp: int = 1) -> jax.sharding.Mesh:
@@ -325,8 +337,8 @@ def checkpoint_manager(workdir: str, keep: int) -> ocp.CheckpointManager:
                                     keep_checkpoints_without_metrics=False)])
   options = ocp.CheckpointManagerOptions(preservation_policy=policy,
                                          enable_async_checkpointing=False)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
-                               options=options, item_names=('state', 'progress'))
+  return ocp.CheckpointManager(storage.path(workdir) / CHECKPOINT_DIR, options=options,
+                               item_names=('state', 'progress'))
 
 
 def save_checkpoint(manager, state: TrainState, progress: dict, metrics=None) -> None:
@@ -351,7 +363,7 @@ def load_init_arrays(path: str, s: Setup) -> Tuple[Dict[str, Any], set]:
   initialisation. ``path``: a checkpoint file (``.pth``/``.pt``/``.safetensors``: official DTF, or
   ImageNet ResNet / Swin inflated with ``config.init_stem``; the conversion report is logged), a
   pretrained dir (``meta.json``) or a trainer workdir (its latest checkpoint)."""
-  location = epath.Path(path)
+  location = storage.path(path)
   if not location.exists():
     raise FileNotFoundError(f'init_from={path!r} does not exist')
   if not location.is_dir():
@@ -482,7 +494,7 @@ def evaluate(config, s: Setup, state: TrainState, step: int, workdir: str,
                        f'{data.views_per_video} for each of {source.num_videos} videos')
   extra = {'step': step, 'num_views': int(counts.sum()), 'split': config.data.eval_split,
            'views_per_video': data.views_per_video}
-  directory = os.path.join(workdir, f'eval_step{step}')
+  directory = storage.path(workdir) / f'eval_step{step}'
   if jax.process_index() == 0:
     results = metrics_lib.write_eval_report(directory, video_scores, video_labels, video_ids,
                                             source.class_names, extra)
@@ -572,10 +584,11 @@ def write_config(config, workdir: str, class_names) -> None:
   """``workdir/config.json``: the resolved config plus the training data's ``class_names`` (what
   ``dtf_jax.pretrained.load_pretrained(workdir)`` rebuilds the model from)."""
   if jax.process_index() == 0:
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    workdir = storage.path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
     data = json.loads(config.to_json_best_effort())
     data['class_names'] = list(class_names)
-    write_json_atomic(epath.Path(workdir) / CONFIG_FILE, data)
+    storage.write_json(workdir / CONFIG_FILE, data, sort_keys=True)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, with_eval: bool = False,
@@ -583,9 +596,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, with_eval: bool = Fal
   """Trains (resuming from the latest checkpoint in ``workdir``); returns the final state and,
   with ``with_eval``, the last eval results. ``stop_after``: save and return after that many
   steps of this call (a time-limited job; the next call resumes)."""
+  workdir = storage.path(workdir)
   s = setup(config)
   write_config(config, workdir, s.train_source.class_names)
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer = metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
   manager = checkpoint_manager(workdir, config.keep_checkpoints)
   progress = {'step': 0, 'data_index': 0}
   latest = manager.latest_step()
@@ -663,6 +677,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, with_eval: bool = Fal
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
   """``--mode=eval``: the latest (or ``eval_checkpoint_step``) checkpoint of ``workdir``."""
+  workdir = storage.path(workdir)
   s = setup(config, with_train_data=False)
   manager = checkpoint_manager(workdir, config.keep_checkpoints)
   step = manager.latest_step() if config.eval_checkpoint_step < 0 else config.eval_checkpoint_step
@@ -672,7 +687,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> Dict
     raise FileNotFoundError(f'no checkpoint for step {step} in {manager.directory} '
                             f'(steps: {list(manager.all_steps())})')
   state, _ = restore_checkpoint(manager, step, s)
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer = metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
   results = evaluate(config, s, state, step, workdir, writer)
   writer.flush()
   manager.close()

@@ -136,14 +136,14 @@ def test_two_processes_train_and_eval(dataset, tmp_path):
   procs, logs = [], []
   start = time.monotonic()
   for i in range(2):
+    # distributed.initialize='auto' (the default) detects JAX_COORDINATOR_ADDRESS.
     cmd = _main_cmd(workdir, 'train_and_eval', data_dir, total_steps=2,
-                    distributed__initialize=True,
-                    distributed__coordinator_address=f'localhost:{port}',
                     distributed__num_processes=2, distributed__process_id=i,
                     distributed__cpu_collectives='gloo')
     log = open(tmp_path / f'process{i}.log', 'w+')  # files: no pipe to drain while polling
     logs.append(log)
-    procs.append(subprocess.Popen(cmd, env=_env(2), cwd=REPO, stdout=log,
+    env = dict(_env(2), JAX_COORDINATOR_ADDRESS=f'localhost:{port}')
+    procs.append(subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log,
                                   stderr=subprocess.STDOUT, text=True))
   # If one process fails the other would wait minutes for it in a collective or in
   # jax.distributed.initialize: give it a short grace period, then stop it.
@@ -168,6 +168,7 @@ def test_two_processes_train_and_eval(dataset, tmp_path):
   report = '\n'.join(f'--- process {i} (exit code {c}):\n{_readable(o, 6000)}'
                      for i, (c, o) in enumerate(zip(codes, outputs)))
   assert codes == [0, 0], report
+  assert '[JAX_COORDINATOR_ADDRESS=localhost:' in outputs[1], report
   # One mesh over both processes' devices.
   assert "mesh {'data': 4, 'fsdp': 1}" in outputs[0], report
 

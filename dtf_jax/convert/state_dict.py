@@ -5,7 +5,7 @@
 ``.safetensors`` files are read with the ``safetensors`` package (no PyTorch needed); any other
 file (``.pth``, ``.pt``, ``.bin``, ...) with ``torch.load(weights_only=True)``, which refuses
 pickled objects other than tensors and plain containers, so a malicious file cannot execute code.
-Paths may be local or remote (``gs://...``): they are read with ``etils.epath``.
+Paths may be local or URLs (``gs://...``): they are read through ``dtf_jax.storage``.
 """
 
 import argparse
@@ -15,6 +15,8 @@ from typing import Any, Dict, Mapping
 
 import numpy as np
 from etils import epath
+
+from dtf_jax import storage
 
 SAFETENSORS_SUFFIX = '.safetensors'
 
@@ -53,7 +55,7 @@ def read_state_dict(path: str, return_sha256: bool = False):
   """``.pth`` / ``.pt`` / ``.safetensors`` file -> ``{key: numpy array}`` (unwrapped, see
   :func:`unwrap_state_dict`); with ``return_sha256``, also the hex SHA-256 of the file's bytes
   (read once). Raises ``FileNotFoundError`` or :class:`CheckpointReadError`."""
-  path = epath.Path(path)
+  path = storage.path(path)
   if not path.exists():
     raise FileNotFoundError(f'checkpoint file not found: {path}')
   data = path.read_bytes()

@@ -37,6 +37,7 @@ import concurrent.futures
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import multiprocessing
@@ -45,6 +46,8 @@ import re
 import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from dtf_jax import storage
 
 # Records: one tf.train.SequenceExample per video. key -> (part, type, meaning).
 SCHEMA = {
@@ -91,13 +94,14 @@ class EncodeOptions:
 def _index_videos(videos_dir: str) -> Dict[str, str]:
   """File stem -> path relative to ``videos_dir`` (first in sorted order; ``.mp4`` preferred)."""
   found = {}
-  for root, dirs, files in os.walk(videos_dir, followlinks=True):
+  top = storage.path(videos_dir)
+  for root, dirs, files in storage.walk(top):
     dirs.sort()
     for name in sorted(files):
       stem, ext = os.path.splitext(name)
       if ext.lower() in ('.tmp', '.part', '.json', '.txt', '.csv'):
         continue
-      rel = os.path.relpath(os.path.join(root, name), videos_dir)
+      rel = str((root / name).relative_to(top))
       if stem not in found or (ext.lower() == '.mp4' and not found[stem].lower().endswith('.mp4')):
         found[stem] = rel
   return found
@@ -117,11 +121,10 @@ def read_kinetics(csv_paths: Sequence[str], videos_dir: str,
   """Kinetics CSVs -> ``(classes, {split: items})``; classes sorted by name unless given."""
   rows = []
   for path in csv_paths:
-    with open(path, newline='', encoding='utf-8') as f:
-      for row in csv.DictReader(f):
-        split = (row.get('split') or '').strip() or os.path.splitext(os.path.basename(path))[0]
-        rows.append((split, (row.get('label') or '').strip(), row['youtube_id'].strip(),
-                     int(float(row['time_start'])), int(float(row['time_end']))))
+    for row in csv.DictReader(io.StringIO(_read_text(path), newline='')):
+      split = (row.get('split') or '').strip() or storage.path(path).stem
+      rows.append((split, (row.get('label') or '').strip(), row['youtube_id'].strip(),
+                   int(float(row['time_start'])), int(float(row['time_end']))))
   if class_names is None:
     class_names = sorted({label for _, label, *_ in rows if label})
   index = {name: i for i, name in enumerate(class_names)}
@@ -133,7 +136,7 @@ def read_kinetics(csv_paths: Sequence[str], videos_dir: str,
       raise ValueError(f'Kinetics label {label!r} of {vid} is not in the class list')
     rel = files.get(vid, vid + '.mp4')
     splits.setdefault(split, []).append(VideoItem(
-        vid, os.path.join(videos_dir, rel), rel, index[label] if label else -1, label))
+        vid, _join(videos_dir, rel), rel, index[label] if label else -1, label))
   return list(class_names), {k: _dedupe(v) for k, v in splits.items()}
 
 
@@ -143,33 +146,40 @@ def _strip_template(template: str) -> str:
 
 def read_ssv2(annotations_dir: str, videos_dir: str, splits: Optional[Sequence[str]] = None):
   """Something-Something V2 -> ``(classes, {split: items})``, classes ordered by ``labels.json``."""
-  with open(os.path.join(annotations_dir, 'labels.json'), encoding='utf-8') as f:
-    labels = {_strip_template(k): int(v) for k, v in json.load(f).items()}
+  annotations = storage.path(annotations_dir)
+  labels = {_strip_template(k): int(v)
+            for k, v in storage.read_json(annotations / 'labels.json').items()}
   classes = sorted(labels, key=labels.get)
   if [labels[c] for c in classes] != list(range(len(classes))):
     raise ValueError('labels.json: indices are not 0..C-1')
   if splits is None:
     splits = [s for s in ('train', 'validation', 'test')
-              if os.path.exists(os.path.join(annotations_dir, f'{s}.json'))]
+              if (annotations / f'{s}.json').exists()]
   out = {}
   for split in splits:
-    with open(os.path.join(annotations_dir, f'{split}.json'), encoding='utf-8') as f:
-      entries = json.load(f)
     items = []
-    for entry in entries:
+    for entry in storage.read_json(annotations / f'{split}.json'):
       vid = str(entry['id'])
       label = _strip_template(entry['template']) if entry.get('template') else ''
       if label and label not in labels:
         raise ValueError(f'SSv2 template {label!r} of video {vid} is not in labels.json')
-      items.append(VideoItem(vid, os.path.join(videos_dir, f'{vid}.webm'), f'{vid}.webm',
+      items.append(VideoItem(vid, _join(videos_dir, f'{vid}.webm'), f'{vid}.webm',
                              labels[label] if label else -1, label))
     out[split] = _dedupe(items)
   return classes, out
 
 
+def _read_text(path: str) -> str:
+  return storage.path(path).read_text(encoding='utf-8')
+
+
+def _join(root: str, rel: str) -> str:
+  """``root/rel`` for a local root or a URL."""
+  return str(storage.path(root) / rel) if storage.is_url(root) else os.path.join(root, rel)
+
+
 def _read_names(path: str) -> List[str]:
-  with open(path, encoding='utf-8') as f:
-    return [line.strip() for line in f if line.strip()]
+  return [line.strip() for line in _read_text(path).splitlines() if line.strip()]
 
 
 def read_ssv1(labels_path: str, split_csvs: Dict[str, str], videos_dir: str):
@@ -179,15 +189,14 @@ def read_ssv1(labels_path: str, split_csvs: Dict[str, str], videos_dir: str):
   out = {}
   for split, path in split_csvs.items():
     items = []
-    with open(path, encoding='utf-8') as f:
-      for line in f:
-        if not line.strip():
-          continue
-        vid, _, label = line.strip().partition(';')
-        if label and label not in index:
-          raise ValueError(f'SSv1 label {label!r} of video {vid} is not in {labels_path}')
-        items.append(VideoItem(vid, os.path.join(videos_dir, vid), vid,
-                               index[label] if label else -1, label))
+    for line in _read_text(path).splitlines():
+      if not line.strip():
+        continue
+      vid, _, label = line.strip().partition(';')
+      if label and label not in index:
+        raise ValueError(f'SSv1 label {label!r} of video {vid} is not in {labels_path}')
+      items.append(VideoItem(vid, _join(videos_dir, vid), vid,
+                             index[label] if label else -1, label))
     out[split] = _dedupe(items)
   return classes, out
 
@@ -197,24 +206,23 @@ def read_list(split_lists: Dict[str, str], root: str, class_names_path: Optional
   out, max_label = {}, -1
   for split, path in split_lists.items():
     items = []
-    with open(path, encoding='utf-8') as f:
-      for lineno, line in enumerate(f, 1):
-        line = line.strip()
-        if not line or line.startswith('#'):
-          continue
-        parts = line.rsplit(maxsplit=1)
-        if len(parts) != 2 or not parts[1].lstrip('-').isdigit():
-          raise ValueError(f'{path}:{lineno}: expected "relative/path label_index", got {line!r}')
-        rel, label = parts[0], int(parts[1])
-        max_label = max(max_label, label)
-        items.append((rel, label))
+    for lineno, line in enumerate(_read_text(path).splitlines(), 1):
+      line = line.strip()
+      if not line or line.startswith('#'):
+        continue
+      parts = line.rsplit(maxsplit=1)
+      if len(parts) != 2 or not parts[1].lstrip('-').isdigit():
+        raise ValueError(f'{path}:{lineno}: expected "relative/path label_index", got {line!r}')
+      rel, label = parts[0], int(parts[1])
+      max_label = max(max_label, label)
+      items.append((rel, label))
     out[split] = items
   classes = (_read_names(class_names_path) if class_names_path
              else [str(i) for i in range(max_label + 1)])
   if max_label >= len(classes):
     raise ValueError(f'label index {max_label} but only {len(classes)} class names')
   return classes, {
-      split: _dedupe([VideoItem(rel, os.path.join(root, rel), rel, label,
+      split: _dedupe([VideoItem(rel, _join(root, rel), rel, label,
                                 classes[label] if label >= 0 else '') for rel, label in items])
       for split, items in out.items()}
 
@@ -274,24 +282,20 @@ def shard_name(split: str, index: int, num_shards: int) -> str:
 
 
 def _write_json(path: str, obj) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(obj, f, indent=1, ensure_ascii=False)
-    f.write('\n')
-  os.replace(tmp, path)
+  storage.write_json(path, obj, indent=1)
 
 
 def write_shard(path: str, state_path: str, items: Sequence[VideoItem], opts: EncodeOptions,
                 threads: int = 0, progress: Optional[Callable[[int, bool], None]] = None) -> dict:
-  """Writes one shard (``path.tmp`` then renamed) and its bookkeeping file; returns its stats.
+  """Writes one shard (atomically, see ``dtf_jax.storage``) and then its bookkeeping file;
+  returns its stats.
 
   ``progress(frames, skipped)`` is called after every video.
   """
   from dtf_jax.data.video import VideoDecodeError  # pylint: disable=import-outside-toplevel
   tf = _tf()
-  stats = {'file': os.path.basename(path), 'videos': 0, 'frames': 0, 'skipped': []}
-  tmp = path + '.tmp'
-  with tf.io.TFRecordWriter(tmp) as writer:
+  stats = {'file': storage.path(path).name, 'videos': 0, 'frames': 0, 'skipped': []}
+  with storage.atomic_write(path) as target, tf.io.TFRecordWriter(str(target)) as writer:
     for item in items:
       try:
         record, frames = encode_video(item, opts, threads)
@@ -309,7 +313,6 @@ def write_shard(path: str, state_path: str, items: Sequence[VideoItem], opts: En
       if progress is not None:
         progress(frames or 0, frames is None)
   _write_json(state_path, stats)
-  os.replace(tmp, path)
   return stats
 
 
@@ -383,18 +386,18 @@ def convert_split(split: str, items: Sequence[VideoItem], output_dir: str, opts:
   Finished shards (file and bookkeeping present, same settings) are kept; others are (re)written.
   ``decode_threads`` are FFmpeg threads per video (1: single-threaded, the default; 0: auto).
   """
-  state_dir = os.path.join(output_dir, STATE_DIR)
-  os.makedirs(state_dir, exist_ok=True)
+  output = storage.path(output_dir)
+  state_dir = output / STATE_DIR
+  state_dir.mkdir(parents=True, exist_ok=True)
   settings = _settings(opts, num_shards, seed, items)
-  settings_path = os.path.join(state_dir, f'{split}-settings.json')
+  settings_path = state_dir / f'{split}-settings.json'
   names = [shard_name(split, i, num_shards) for i in range(num_shards)]
   pattern = re.compile(re.escape(split) + r'-\d{5}-of-\d{5}\.tfrecord(\.tmp)?')
-  existing = sorted(n for n in os.listdir(output_dir) if pattern.fullmatch(n))
-  manifest_path = os.path.join(output_dir, f'{split}-manifest.json')
+  existing = sorted(p.name for p in output.iterdir() if pattern.fullmatch(p.name))
+  manifest_path = output / f'{split}-manifest.json'
   keep = set()  # shards of an earlier run with the same settings
-  if os.path.exists(settings_path):
-    with open(settings_path, encoding='utf-8') as f:
-      old = json.load(f)
+  if settings_path.exists():
+    old = storage.read_json(settings_path)
     if old == settings:
       keep = set(names)
     elif not overwrite:
@@ -403,22 +406,22 @@ def convert_split(split: str, items: Sequence[VideoItem], output_dir: str, opts:
                        f'({", ".join(changed)}); pass --overwrite to replace them.')
   elif any(n.endswith('.tfrecord') for n in existing) and not overwrite:
     raise SystemExit(f'{output_dir} holds {split} shards of an unknown run; pass --overwrite.')
-  if not keep and os.path.exists(manifest_path):
-    os.remove(manifest_path)
+  if not keep and manifest_path.exists():
+    manifest_path.unlink()
   for n in existing:  # stale temporaries, and shards of other settings
     if n not in keep:
-      os.remove(os.path.join(output_dir, n))
+      (output / n).unlink()
   if not keep:
-    for n in os.listdir(state_dir):
-      if pattern.fullmatch(n.removesuffix('.json')):
-        os.remove(os.path.join(state_dir, n))
+    for p in state_dir.iterdir():
+      if pattern.fullmatch(p.name.removesuffix('.json')):
+        p.unlink()
   _write_json(settings_path, settings)
 
   shards = assign_shards(items, num_shards, seed)
-  paths = [os.path.join(output_dir, n) for n in names]
-  states = [os.path.join(state_dir, n + '.json') for n in names]
+  paths = [str(output / n) for n in names]
+  states = [str(state_dir / (n + '.json')) for n in names]
   todo = [i for i in range(num_shards)
-          if not (os.path.exists(paths[i]) and os.path.exists(states[i]))]
+          if not (storage.path(paths[i]).exists() and storage.path(states[i]).exists())]
   if len(todo) < num_shards:
     print(f'[{split}] resuming: {num_shards - len(todo)} of {num_shards} shards already written')
   done = set(range(num_shards)) - set(todo)
@@ -452,8 +455,7 @@ def convert_split(split: str, items: Sequence[VideoItem], output_dir: str, opts:
   manifest = {'split': split, 'videos_listed': len(items), 'videos_written': 0, 'frames': 0,
               'videos_skipped': 0, 'skipped_by_reason': {}, 'skipped': [], 'shards': []}
   for state in states:
-    with open(state, encoding='utf-8') as f:
-      stats = json.load(f)
+    stats = storage.read_json(state)
     manifest['videos_written'] += stats['videos']
     manifest['frames'] += stats['frames']
     manifest['skipped'].extend(stats['skipped'])
@@ -487,14 +489,12 @@ def _drain(queue, progress: Progress, timeout: float) -> None:
 
 def write_label_map(output_dir: str, classes: Sequence[str], overwrite: bool = False) -> str:
   """``label_map.json``: class name -> index. A different existing map is an error."""
-  path = os.path.join(output_dir, 'label_map.json')
+  path = storage.path(output_dir) / 'label_map.json'
   label_map = {name: i for i, name in enumerate(classes)}
-  if os.path.exists(path) and not overwrite:
-    with open(path, encoding='utf-8') as f:
-      if json.load(f) != label_map:
-        raise SystemExit(f'{path} holds another label map; pass --overwrite or use another output.')
+  if path.exists() and not overwrite and storage.read_json(path) != label_map:
+    raise SystemExit(f'{path} holds another label map; pass --overwrite or use another output.')
   _write_json(path, label_map)
-  return path
+  return str(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -611,7 +611,7 @@ def main(argv=None):
     if missing:
       sys.exit(f'--splits {",".join(missing)}: not in the input (has {", ".join(sorted(splits))})')
     splits = {s: splits[s] for s in wanted}
-  os.makedirs(args.output, exist_ok=True)
+  storage.path(args.output).mkdir(parents=True, exist_ok=True)
   print(f'{args.format}: {len(classes)} classes; '
         + ', '.join(f'{s}: {len(v)} videos' for s, v in splits.items()))
   write_label_map(args.output, classes, args.overwrite)

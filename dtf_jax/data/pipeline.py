@@ -25,12 +25,10 @@ reads records but decodes none.
 """
 
 import dataclasses
-import glob
-import json
 import math
-import os
 from typing import Callable, Optional, Sequence, Tuple
 
+from dtf_jax import storage
 from dtf_jax.data import ops
 from dtf_jax.data import tf
 
@@ -79,29 +77,28 @@ class VideoSource:
 
 
 def _tfrecord_source(data_dir: str, split: str, process_count: int) -> VideoSource:
-  files = sorted(glob.glob(os.path.join(data_dir, f'{split}-*-of-*.tfrecord')))
+  directory = storage.path(data_dir)
+  files = sorted(str(f) for f in directory.glob(f'{split}-*-of-*.tfrecord'))
   if not files:
-    found = sorted({os.path.basename(f).split('-')[0]
-                    for f in glob.glob(os.path.join(data_dir, '*.tfrecord'))})
+    found = sorted({f.name.split('-')[0] for f in directory.glob('*.tfrecord')})
     raise FileNotFoundError(f"no '{split}-*-of-*.tfrecord' files in {data_dir} (splits there: "
                             f'{found or "none"}); convert with python -m dtf_jax.data.convert')
   if len(files) < process_count:
     raise ValueError(f'{len(files)} {split} files in {data_dir} cannot be split over '
                      f'{process_count} processes; convert with --num-shards >= {process_count}')
-  label_map_path = os.path.join(data_dir, 'label_map.json')
-  if not os.path.exists(label_map_path):
+  label_map_path = directory / 'label_map.json'
+  if not label_map_path.exists():
     raise FileNotFoundError(f'{label_map_path} is missing (written by dtf_jax.data.convert)')
-  with open(label_map_path) as f:
-    label_map = json.load(f)
+  label_map = storage.read_json(label_map_path)
   class_names = tuple(sorted(label_map, key=label_map.get))
-  manifest_path = os.path.join(data_dir, f'{split}-manifest.json')
-  if os.path.exists(manifest_path):
-    with open(manifest_path) as f:
-      counts_by_file = {s['file']: s['videos'] for s in json.load(f)['shards']}
-    missing = [os.path.basename(f) for f in files if os.path.basename(f) not in counts_by_file]
+  manifest_path = directory / f'{split}-manifest.json'
+  names = [f.rsplit('/', 1)[-1] for f in files]
+  if manifest_path.exists():
+    counts_by_file = {s['file']: s['videos'] for s in storage.read_json(manifest_path)['shards']}
+    missing = [n for n in names if n not in counts_by_file]
     if missing:
       raise ValueError(f'{manifest_path} does not list {missing[:3]}: files and manifest differ')
-    counts = [counts_by_file[os.path.basename(f)] for f in files]
+    counts = [counts_by_file[n] for n in names]
   else:  # Counting reads every record once (no decoding).
     print(f'{manifest_path} is missing: counting the records of {len(files)} files')
     counts = [int(tf.data.TFRecordDataset(f).reduce(0, lambda n, _: n + 1)) for f in files]

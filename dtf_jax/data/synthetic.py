@@ -30,6 +30,7 @@ validation 1) with label ``i % 8`` (balanced), so every file is determined by ``
 """
 
 import argparse
+import io
 import math
 import multiprocessing
 import os
@@ -39,6 +40,8 @@ from typing import Dict, List, Optional, Sequence
 
 import av
 import numpy as np
+
+from dtf_jax import storage
 
 CLASSES = ('moving_left', 'moving_right', 'moving_up', 'moving_down', 'growing', 'shrinking',
            'rotating_clockwise', 'rotating_counterclockwise')
@@ -184,8 +187,8 @@ def rgb_to_yuv420p(frame: np.ndarray) -> np.ndarray:
 def write_mp4(path: str, frames: np.ndarray, fps: int = 12, codec: Optional[str] = None) -> None:
   """Writes ``uint8 T H W 3`` RGB frames (H % 4 == W % 2 == 0) as a yuv420p mp4, deterministic."""
   codec = codec or video_codec()
-  tmp = path + '.tmp'
-  with av.open(tmp, 'w', format='mp4') as container:
+  buffer = io.BytesIO()
+  with av.open(buffer, 'w', format='mp4') as container:
     stream = container.add_stream(codec, rate=fps)
     stream.width, stream.height = frames.shape[2], frames.shape[1]
     stream.pix_fmt = 'yuv420p'
@@ -203,7 +206,7 @@ def write_mp4(path: str, frames: np.ndarray, fps: int = 12, codec: Optional[str]
         container.mux(packet)
     for packet in stream.encode():
       container.mux(packet)
-  os.replace(tmp, path)
+  storage.write_bytes(path, buffer.getvalue())
 
 
 def _write_clips(task):
@@ -215,10 +218,7 @@ def _write_clips(task):
 
 
 def _write_lines(path: str, lines: Sequence[str]) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    f.write(''.join(line + '\n' for line in lines))
-  os.replace(tmp, path)
+  storage.write_text(path, ''.join(line + '\n' for line in lines))
 
 
 def generate(output_dir: str, num_train: int = 800, num_val: int = 200, frames: int = 16,
@@ -237,18 +237,19 @@ def generate(output_dir: str, num_train: int = 800, num_val: int = 200, frames: 
   """
   from dtf_jax.data import convert as convert_lib  # pylint: disable=import-outside-toplevel
   start = time.monotonic()
-  video_root = os.path.join(output_dir, 'videos')
+  root = storage.path(output_dir)
+  video_root = str(root / 'videos')
   codec = video_codec()
-  paths = {'videos': video_root, 'classes': os.path.join(output_dir, 'classes.txt'),
-           'tfrecords': os.path.join(output_dir, 'tfrecords')}
+  paths = {'videos': video_root, 'classes': str(root / 'classes.txt'),
+           'tfrecords': str(root / 'tfrecords')}
   counts = {'train': num_train, 'validation': num_val}
   tasks, total = [], 0
   for split, code, list_name in SPLITS:
-    os.makedirs(os.path.join(video_root, split), exist_ok=True)
+    (root / 'videos' / split).mkdir(parents=True, exist_ok=True)
     rels = [(f'{split}/{i:06d}.mp4', i % len(CLASSES), i) for i in range(counts[split])]
-    _write_lines(os.path.join(output_dir, list_name), [f'{r} {label}' for r, label, _ in rels])
-    paths[list_name] = os.path.join(output_dir, list_name)
-    clips = [(os.path.join(video_root, r), label, code, i) for r, label, i in rels]
+    paths[list_name] = str(root / list_name)
+    _write_lines(paths[list_name], [f'{r} {label}' for r, label, _ in rels])
+    clips = [(str(root / 'videos' / r), label, code, i) for r, label, i in rels]
     chunk = 25
     tasks += [(clips[j:j + chunk], seed, frames, size, fps, codec)
               for j in range(0, len(clips), chunk)]
@@ -284,7 +285,7 @@ def generate(output_dir: str, num_train: int = 800, num_val: int = 200, frames: 
     classes, splits = convert_lib.read_list(
         {split: paths[name] for split, _, name in SPLITS}, video_root, paths['classes'])
     out = paths['tfrecords']
-    os.makedirs(out, exist_ok=True)
+    storage.path(out).mkdir(parents=True, exist_ok=True)
     convert_lib.write_label_map(out, classes, overwrite)
     opts = convert_lib.EncodeOptions(short_side=0, jpeg_quality=jpeg_quality, min_frames=frames)
     for split, items in splits.items():
@@ -303,10 +304,7 @@ def generate(output_dir: str, num_train: int = 800, num_val: int = 200, frames: 
 
 
 def _du(path: str) -> int:
-  total = 0
-  for root, _, files in os.walk(path):
-    total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
-  return total
+  return sum((root / f).stat().length for root, _, files in storage.walk(path) for f in files)
 
 
 def _mb(n: int) -> str:

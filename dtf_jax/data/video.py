@@ -17,11 +17,14 @@ Rules (the same for every video, so results are reproducible):
 """
 
 import fractions
+import io
 import os
 from typing import Iterator, Optional, Sequence, Tuple
 
 import av
 import numpy as np
+
+from dtf_jax import storage
 
 # Why a video was rejected (``VideoDecodeError.reason``).
 REASONS = ('missing', 'empty_file', 'unreadable', 'no_video_stream', 'decode_error', 'truncated',
@@ -82,13 +85,14 @@ def _resample(timed_frames, fps: Optional[float], frame_duration: fractions.Frac
 def _video_frames(path: str, short_side: Optional[int], fps: Optional[float], threads: int,
                   info: dict) -> Iterator[np.ndarray]:
   try:
-    if os.path.getsize(path) == 0:
+    if storage.path(path).stat().length == 0:
       raise VideoDecodeError('empty_file', '0 bytes')
+    source = _readable(path)
   except OSError as e:
     raise VideoDecodeError('missing' if isinstance(e, FileNotFoundError) else 'unreadable',
                            _short(e)) from e
   try:
-    container = av.open(path)
+    container = av.open(source)
   except (av.FFmpegError, OSError, ValueError) as e:
     raise VideoDecodeError('unreadable', _short(e)) from e
   with container:
@@ -129,8 +133,9 @@ def _video_frames(path: str, short_side: Optional[int], fps: Optional[float], th
 
 def _folder_frames(path: str, short_side: Optional[int], fps: Optional[float],
                    folder_fps: float, info: dict) -> Iterator[np.ndarray]:
+  folder = storage.path(path)
   try:
-    names = sorted(n for n in os.listdir(path) if n.lower().endswith(FRAME_EXTENSIONS))
+    names = sorted(p.name for p in folder.iterdir() if p.name.lower().endswith(FRAME_EXTENSIONS))
   except OSError as e:
     raise VideoDecodeError('missing' if isinstance(e, FileNotFoundError) else 'unreadable',
                            _short(e)) from e
@@ -143,19 +148,24 @@ def _folder_frames(path: str, short_side: Optional[int], fps: Optional[float],
   last = None
   for name in _resample(timed, fps, 1 / rate):
     if name is not last:
-      last, rgb = name, _read_image(os.path.join(path, name), short_side)
+      last, rgb = name, _read_image(folder / name, short_side)
     yield rgb
 
 
-def _read_image(path: str, short_side: Optional[int]) -> np.ndarray:
+def _read_image(path, short_side: Optional[int]) -> np.ndarray:
   try:
-    with av.open(path) as container:
+    with av.open(_readable(path)) as container:
       frames = list(container.decode(video=0))
   except (av.FFmpegError, OSError, ValueError, IndexError) as e:
-    raise VideoDecodeError('decode_error', f'{os.path.basename(path)}: {_short(e)}') from e
+    raise VideoDecodeError('decode_error', f'{path.name}: {_short(e)}') from e
   if len(frames) != 1:
-    raise VideoDecodeError('decode_error', f'{os.path.basename(path)}: {len(frames)} images')
+    raise VideoDecodeError('decode_error', f'{path.name}: {len(frames)} images')
   return _to_rgb(frames[0], short_side)
+
+
+def _readable(path):
+  """What ``av.open`` reads: a local path as is; a URL's bytes (read whole: clips are small)."""
+  return io.BytesIO(storage.path(path).read_bytes()) if storage.is_url(path) else os.fspath(path)
 
 
 def _short(e: Exception) -> str:
@@ -170,7 +180,8 @@ def iter_frames(path: str, short_side: Optional[int] = 320, fps: Optional[float]
   """Yields the frames of a video file, or of a folder of image frames, as ``uint8 H W 3`` RGB.
 
   Args:
-    path: a video file PyAV can read, or a folder of ``.jpg``/``.png`` frames (sorted by name).
+    path: a video file PyAV can read, or a folder of ``.jpg``/``.png`` frames (sorted by name);
+      local, or a URL (``gs://...``, read through ``dtf_jax.storage``).
     short_side: the short side of the output frames; ``None``/``0`` keeps the size.
     fps: output frame rate (frames dropped or repeated, see the module doc); ``None`` keeps all.
     threads: decoder threads (``0``: FFmpeg's choice, ``1``: single-threaded).
@@ -180,7 +191,7 @@ def iter_frames(path: str, short_side: Optional[int] = 320, fps: Optional[float]
   Raises ``VideoDecodeError`` (possibly after some frames were yielded).
   """
   info = {} if info is None else info
-  if os.path.isdir(path):
+  if storage.path(path).is_dir():
     return _folder_frames(path, short_side, fps, folder_fps, info)
   return _video_frames(path, short_side, fps, threads, info)
 

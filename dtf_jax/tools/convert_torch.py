@@ -23,6 +23,7 @@ import ast
 import sys
 import time
 
+from dtf_jax import storage
 from dtf_jax.convert.imagenet import SOURCES, STEM_INITS
 from dtf_jax.models import list_models
 
@@ -61,8 +62,7 @@ def parse_args(argv):
 def read_class_names(path: str):
   """``label_map.json`` (``{name: index}``) or one name per line -> list of names by index."""
   import json  # pylint: disable=import-outside-toplevel
-  from etils import epath  # pylint: disable=import-outside-toplevel
-  text = epath.Path(path).read_text()
+  text = storage.path(path).read_text()
   if path.endswith('.json'):
     mapping = json.loads(text)
     return [name for name, _ in sorted(mapping.items(), key=lambda item: item[1])]
@@ -98,7 +98,7 @@ def main(argv=None):
   print(f'Reading {args.input}')
   try:
     state, sha256 = convert.read_state_dict(args.input, return_sha256=True)
-  except (FileNotFoundError, ImportError, convert.CheckpointReadError) as e:
+  except (FileNotFoundError, ImportError, ValueError, convert.CheckpointReadError) as e:
     sys.exit(str(e))
   try:
     variables, report = convert.convert_state_dict(
