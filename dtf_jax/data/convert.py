@@ -21,14 +21,16 @@ Inputs:
   list      lines ``relative/path label_index`` (a path may be a frame folder); optional class names
             file (one per line); without it the class names are the indices.
 
+Every path (lists, videos, ``--output``) may be local or a URL (``gs://...``).
 Output in ``--output``: ``{split}-00000-of-000NN.tfrecord`` (records as in ``SCHEMA``),
 ``label_map.json`` (class name -> index), ``{split}-manifest.json`` (videos written, frames, skipped
 videos with reasons, shards, settings) and ``.convert/`` (per-shard bookkeeping for resuming).
 
 Every video of a split goes to a shard fixed by its id (``sha1(seed:id)`` order, cut into equal
-contiguous runs), a shard is written to ``NAME.tmp`` and renamed when complete, and JPEG encoding is
-deterministic: a run that is killed and started again with the same arguments skips the finished
-shards and ends with byte-identical files. Videos that cannot be decoded (missing, empty, corrupt,
+contiguous runs), a shard appears only when complete (``dtf_jax.storage.atomic_write``: a renamed
+``NAME.tmp`` on disk, an object published once in a bucket), and JPEG encoding is deterministic:
+a run that is killed and started again with the same arguments skips the finished shards and ends
+with byte-identical files. Videos that cannot be decoded (missing, empty, corrupt,
 truncated, no video stream) or have fewer than ``--min-frames`` frames are skipped and listed.
 """
 
