@@ -88,20 +88,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   check(config.init_stem in convert.STEM_INITS, 'init_stem', f'must be in {convert.STEM_INITS}')
   for field in ('mixup_alpha', 'cutmix_alpha'):
     check(config[field] >= 0, field, f'must be >= 0 (0 = off), got {config[field]}')
-  try:
-    multihost.normalise_mode(config.distributed.initialize)
-  except ValueError as e:
-    check(False, 'distributed.initialize', str(e))
-  if config.data.dataset.startswith('tfrecord:'):
-    try:
-      storage.path(config.data.dataset[len('tfrecord:'):])
-    except ValueError as e:
-      check(False, 'data.dataset', str(e))
+  parsers = [('distributed.initialize', multihost.normalise_mode, config.distributed.initialize)]
+  if config.data.dataset.startswith('tfrecord:'):  # local paths or supported URLs
+    parsers.append(('data.dataset', storage.path, config.data.dataset[len('tfrecord:'):]))
   if config.init_from:
+    parsers.append(('init_from', storage.path, config.init_from))
+  for field, parse, value in parsers:
     try:
-      storage.path(config.init_from)
+      parse(value)
     except ValueError as e:
-      check(False, 'init_from', str(e))
+      check(False, field, str(e))
 
 
 def make_mesh(fsdp: int = 1) -> jax.sharding.Mesh:

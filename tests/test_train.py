@@ -308,6 +308,9 @@ def test_config_errors(dataset, tmp_path):
   assert proc.returncode != 0 and 'batch_size' in proc.stderr
   proc = _main(cfg, f'--workdir={tmp_path}', '--config.model.name=dtf_r18')
   assert proc.returncode != 0 and "config.model.name: 'dtf_r18' is not one of" in proc.stderr
+  proc = _main(cfg, '--workdir=gcs://bucket/run')  # a typo'd scheme is not a local folder
+  assert proc.returncode != 0 and 'gcs://bucket/run: unsupported URL scheme' in proc.stderr
+  assert not os.path.exists(os.path.join(REPO, 'gcs:'))
   proc = _main(cfg, f'--workdir={tmp_path}', '--mode=eval',
                f'--config.data.dataset=tfrecord:{dataset}')
   assert proc.returncode != 0 and 'no checkpoint in' in proc.stderr
@@ -319,7 +322,10 @@ def test_config_errors(dataset, tmp_path):
       ({'data.crop': 'centre'}, 'config.data.crop: must be in'),
       ({'grad_accum_steps': 3}, 'config.grad_accum_steps: 3 does not divide batch_size 8'),
       ({'data.dataset': dataset}, "config.data.dataset: .* must be 'tfrecord:DIR'"),
-      ({'data.num_crops': 2}, 'config.data.num_crops: must be 1 or 3')):
+      ({'data.num_crops': 2}, 'config.data.num_crops: must be 1 or 3'),
+      ({'data.dataset': 'tfrecord:ram://k400'}, 'config.data.dataset: ram://k400: unsupported'),
+      ({'init_from': 'ftp://host/w.pth'}, 'config.init_from: ftp://host/w.pth: unsupported'),
+      ({'distributed.initialize': 'maybe'}, 'config.distributed.initialize: .* must be one of')):
     with pytest.raises(ValueError, match=message):
       train.validate_config(tiny_config(dataset, **overrides))
   with pytest.raises(ValueError, match='num_classes=9 but .* has 8 classes'):
