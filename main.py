@@ -60,8 +60,12 @@ def main(argv):
   else:
     _, results = train.train(config, workdir, with_eval=FLAGS.mode == 'train_and_eval')
   if results and jax.process_index() == 0:
-    print(f'top1 {results["top1"]:.4f} top5 {results["top5"]:.4f} '
-          f'mean_class_accuracy {results["mean_class_accuracy"]:.4f}', flush=True)
+    if results['labelled']:
+      print(f'top1 {results["top1"]:.4f} top5 {results["top5"]:.4f} '
+            f'mean_class_accuracy {results["mean_class_accuracy"]:.4f}', flush=True)
+    else:
+      print(f'unlabelled split: predictions of {results["num_videos"]} videos, no accuracy',
+            flush=True)
 
 
 if __name__ == '__main__':

@@ -2,13 +2,14 @@
 
 Scores are softmax probabilities of single views ``V C``; a video's score is the mean over its
 views (the paper's protocol). Files written by ``write_eval_report`` (atomically):
-  eval_results.json      metrics, step, number of videos and views
+  eval_results.json      metrics, step, number of videos and views (``labelled: false`` and no
+                         metrics for an unlabelled split, e.g. a test set)
   predictions.jsonl      one line per video: id, label, label name, top-5 classes, names, scores
-  confusion_matrix.png   row-normalised confusion matrix (rows: true class)
+  confusion_matrix.png   row-normalised confusion matrix (rows: true class; labelled splits)
 """
 
 import json
-from typing import Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 
@@ -72,24 +73,48 @@ def plot_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], path: 
   storage.write_bytes(path, buffer.getvalue())
 
 
+def split_metrics(video_scores: np.ndarray, labels: np.ndarray) -> Dict[str, Any]:
+  """:func:`classification_metrics` of a labelled split plus ``labelled: True``; for an unlabelled
+  split (every label -1, as the converter stores test sets) only ``num_videos`` and
+  ``labelled: False``. Raises ``ValueError`` for a split mixing both, or a label outside
+  ``0..C-1``."""
+  labels = np.asarray(labels)
+  num_classes = np.shape(video_scores)[1]
+  unlabelled = labels == -1
+  if unlabelled.all():
+    return {'num_videos': int(len(labels)), 'labelled': False}
+  if unlabelled.any():
+    raise ValueError(f'{int(unlabelled.sum())} of {len(labels)} videos are unlabelled (label -1): '
+                     f'a split must be labelled throughout or not at all')
+  if labels.min() < 0 or labels.max() >= num_classes:
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    raise ValueError(f'labels {sorted(set(bad.tolist()))[:5]} are outside 0..{num_classes - 1}')
+  return dict(classification_metrics(video_scores, labels), labelled=True)
+
+
 def write_eval_report(directory: str, video_scores: np.ndarray, labels: np.ndarray,
                       video_ids: Sequence[str], class_names: Sequence[str],
-                      extra: Optional[dict] = None) -> Dict[str, float]:
-  """Computes the metrics of ``N C`` video scores and writes the three report files."""
+                      extra: Optional[dict] = None) -> Dict[str, Any]:
+  """Computes :func:`split_metrics` of ``N C`` video scores and writes the report files (no
+  confusion matrix for an unlabelled split, whose predictions carry ``label: null``)."""
+  metrics = split_metrics(video_scores, labels)
   directory = storage.path(directory)
   directory.mkdir(parents=True, exist_ok=True)
-  metrics = classification_metrics(video_scores, labels)
   results = dict(metrics, **(extra or {}))
+  if not metrics['labelled']:
+    results['note'] = 'unlabelled split: predictions only, no accuracy'
   storage.write_json(directory / 'eval_results.json', results)
   order = np.argsort(-video_scores, axis=1, kind='stable')[:, :5]
   lines = []
   for i, video_id in enumerate(video_ids):
-    top = order[i]
+    top, label = order[i], int(labels[i])
     lines.append(json.dumps({
-        'id': video_id, 'label': int(labels[i]), 'label_name': class_names[labels[i]],
+        'id': video_id, 'label': label if label >= 0 else None,
+        'label_name': class_names[label] if label >= 0 else None,
         'top5': [int(c) for c in top], 'top5_names': [class_names[c] for c in top],
         'top5_scores': [round(float(video_scores[i, c]), 6) for c in top]}))
   storage.write_text(directory / 'predictions.jsonl', '\n'.join(lines) + '\n')
-  plot_confusion_matrix(confusion_matrix(order[:, 0], labels, len(class_names)), class_names,
-                        directory / 'confusion_matrix.png')
+  if metrics['labelled']:
+    plot_confusion_matrix(confusion_matrix(order[:, 0], labels, len(class_names)), class_names,
+                          directory / 'confusion_matrix.png')
   return metrics

@@ -59,6 +59,20 @@ def log(message: str) -> None:
 # Config, mesh, model.
 
 
+# validate_config's numeric ranges (every numeric field of configs/base.py).
+POSITIVE_INTS = ('batch_size', 'grad_accum_steps', 'mesh.fsdp', 'eval_batch_size',
+                 'data.clip_length', 'data.stride', 'data.size', 'data.eval_size',
+                 'data.num_clips', 'data.num_classes', 'data.shuffle_buffer', 'lr.base_batch',
+                 'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints')
+NON_NEGATIVE = ('num_epochs', 'total_steps', 'eval_every_steps', 'lr.warmup_epochs', 'lr.end',
+                'optimizer.weight_decay', 'optimizer.grad_clip_norm', 'mixup_alpha',
+                'cutmix_alpha')
+BELOW_ONE = ('model.dropout_rate', 'model.drop_path_rate', 'label_smoothing', 'optimizer.momentum',
+             'optimizer.b1', 'optimizer.b2')  # in [0, 1)
+PROBABILITIES = ('data.colour_jitter_prob', 'data.grayscale_prob', 'data.blur_prob')  # [0, 1]
+RANGES = ('data.scale_range', 'data.area_range', 'data.aspect_range', 'data.blur_sigma')
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises ``ValueError`` naming the field for a bad value (before anything heavy starts)."""
   def check(ok, field, message):
@@ -75,19 +89,35 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   check(config.data.crop in pipeline.TRAIN_CROPS, 'data.crop', f'must be in {pipeline.TRAIN_CROPS}')
   check(config.data.flip in pipeline.FLIP_MODES, 'data.flip', f'must be in {pipeline.FLIP_MODES}')
   check(config.data.num_crops in (1, 3), 'data.num_crops', 'must be 1 or 3')
-  for field in ('batch_size', 'grad_accum_steps', 'mesh.fsdp', 'eval_batch_size',
-                'data.clip_length', 'data.size', 'data.eval_size', 'data.num_clips'):
-    value = config
+  def value(field):
+    node = config
     for part in field.split('.'):
-      value = value[part]
-    check(isinstance(value, int) and value >= 1, field, f'must be a positive int, got {value!r}')
+      node = node[part]
+    return node
+  for field in POSITIVE_INTS:
+    check(isinstance(value(field), int) and value(field) >= 1, field,
+          f'must be a positive int, got {value(field)!r}')
+  for field in NON_NEGATIVE:
+    check(value(field) >= 0, field, f'must be >= 0, got {value(field)!r}')
+  for field in BELOW_ONE:
+    check(0 <= value(field) < 1, field, f'must be in [0, 1), got {value(field)!r}')
+  for field in PROBABILITIES:
+    check(0 <= value(field) <= 1, field, f'must be in [0, 1], got {value(field)!r}')
+  for field in RANGES:
+    low, high = value(field)
+    check(0 < low <= high, field, f'must be (low, high) with 0 < low <= high, got {value(field)}')
+  check(config.data.area_range[1] <= 1, 'data.area_range', 'is a fraction of the frame: <= 1')
+  check(config.lr.base > 0, 'lr.base', f'must be > 0, got {config.lr.base!r}')
+  check(config.eval_checkpoint_step >= -1, 'eval_checkpoint_step',
+        f'must be a step >= 0, or -1 for the latest, got {config.eval_checkpoint_step!r}')
+  jitter = tuple(config.data.colour_jitter)
+  check(len(jitter) == 4 and min(jitter) >= 0 and jitter[3] <= 0.5, 'data.colour_jitter',
+        f'must be (brightness, contrast, saturation, hue) >= 0 with hue <= 0.5, got {jitter}')
   check(config.batch_size % config.grad_accum_steps == 0, 'grad_accum_steps',
         f'{config.grad_accum_steps} does not divide batch_size {config.batch_size}')
   check(config.num_epochs > 0 or config.total_steps > 0, 'num_epochs',
         'num_epochs or total_steps must be > 0')
   check(config.init_stem in convert.STEM_INITS, 'init_stem', f'must be in {convert.STEM_INITS}')
-  for field in ('mixup_alpha', 'cutmix_alpha'):
-    check(config[field] >= 0, field, f'must be >= 0 (0 = off), got {config[field]}')
   parsers = [('distributed.initialize', multihost.normalise_mode, config.distributed.initialize)]
   if config.data.dataset.startswith('tfrecord:'):  # local paths or supported URLs
     parsers.append(('data.dataset', storage.path, config.data.dataset[len('tfrecord:'):]))
@@ -446,7 +476,8 @@ def train_data(config, s: Setup, start_index: int):
 def evaluate(config, s: Setup, state: TrainState, step: int, workdir: str,
              writer=None) -> Dict[str, float]:
   """Multi-view evaluation of ``state`` on ``data.eval_split``; writes the report files under
-  ``workdir/eval_step{step}`` (process 0) and returns top-1, top-5 and mean class accuracy."""
+  ``workdir/eval_step{step}`` (process 0) and returns ``metrics.split_metrics``: top-1, top-5 and
+  mean class accuracy, or only the video count of an unlabelled split."""
   source = pipeline.make_source(config.data.dataset, config.data.eval_split,
                                 config.data.data_dir or None, jax.process_count())
   _check_classes(config, source)
@@ -495,12 +526,17 @@ def evaluate(config, s: Setup, state: TrainState, step: int, workdir: str,
     results = metrics_lib.write_eval_report(directory, video_scores, video_labels, video_ids,
                                             source.class_names, extra)
   else:
-    results = metrics_lib.classification_metrics(video_scores, video_labels)
+    results = metrics_lib.split_metrics(video_scores, video_labels)
+  views = f'({source.num_videos} videos x {data.views_per_video} views) -> {directory}'
+  if not results['labelled']:
+    log(f'eval step {step}: {config.data.eval_split} is unlabelled: predictions only, no '
+        f'accuracy {views}')
+    return results
   if writer is not None:
-    writer.write_scalars(step, {f'eval/{k}': v for k, v in results.items()})
+    writer.write_scalars(step, {f'eval/{k}': results[k]
+                                for k in ('top1', 'top5', 'mean_class_accuracy')})
   log(f'eval step {step}: top1 {results["top1"]:.4f} top5 {results["top5"]:.4f} mean class '
-      f'{results["mean_class_accuracy"]:.4f} ({source.num_videos} videos x '
-      f'{data.views_per_video} views) -> {directory}')
+      f'{results["mean_class_accuracy"]:.4f} {views}')
   return results
 
 
@@ -661,7 +697,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, with_eval: bool = Fal
         eval_results = evaluate(config, s, state, step, workdir, writer)
       if save_now:
         save_checkpoint(manager, state, {'step': step, 'data_index': data_index},
-                        {'top1': eval_results['top1']} if eval_now else None)
+                        {'top1': eval_results['top1']}
+                        if eval_now and eval_results['labelled'] else None)
       window_start += time.time() - paused  # clips/s counts training time only
       if preempted:
         log(f'SIGTERM: saved step {step} in {manager.directory}; exiting')

@@ -106,7 +106,7 @@ def test_metrics_against_direct_computation(tmp_path):
   ids = [f'video{v}' for v in range(num_videos)]
   metrics.write_eval_report(str(tmp_path), video_scores, labels, ids, names, {'step': 3})
   with open(tmp_path / 'eval_results.json') as f:
-    assert json.load(f) == dict(result, step=3)
+    assert json.load(f) == dict(result, step=3, labelled=True)
   lines = [json.loads(x) for x in (tmp_path / 'predictions.jsonl').read_text().splitlines()]
   assert [x['id'] for x in lines] == ids
   for v, line in enumerate(lines):
@@ -115,6 +115,22 @@ def test_metrics_against_direct_computation(tmp_path):
     assert line['top5_names'] == [names[c] for c in line['top5']]
     np.testing.assert_allclose(line['top5_scores'], video_scores[v, line['top5']], atol=1e-6)
   assert (tmp_path / 'confusion_matrix.png').read_bytes()[:4] == b'\x89PNG'
+
+  # An unlabelled split (test sets: label -1): predictions, no accuracy, no confusion matrix.
+  unlabelled = tmp_path / 'unlabelled'
+  none = np.full(num_videos, -1)
+  assert metrics.write_eval_report(str(unlabelled), video_scores, none, ids, names) == \
+      {'num_videos': num_videos, 'labelled': False}
+  results = json.loads((unlabelled / 'eval_results.json').read_text())
+  assert 'top1' not in results and results['labelled'] is False, results
+  lines = [json.loads(x) for x in (unlabelled / 'predictions.jsonl').read_text().splitlines()]
+  assert [(x['label'], x['label_name']) for x in lines] == [(None, None)] * num_videos
+  assert [x['top5'][0] for x in lines] == predictions.tolist()
+  assert not (unlabelled / 'confusion_matrix.png').exists()
+  with pytest.raises(ValueError, match='1 of 13 videos are unlabelled'):
+    metrics.split_metrics(video_scores, np.where(np.arange(num_videos) == 4, -1, labels))
+  with pytest.raises(ValueError, match=r'labels \[7\] are outside 0..6'):
+    metrics.split_metrics(video_scores, np.where(np.arange(num_videos) == 4, 7, labels))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,7 +341,14 @@ def test_config_errors(dataset, tmp_path):
       ({'data.num_crops': 2}, 'config.data.num_crops: must be 1 or 3'),
       ({'data.dataset': 'tfrecord:ram://k400'}, 'config.data.dataset: ram://k400: unsupported'),
       ({'init_from': 'ftp://host/w.pth'}, 'config.init_from: ftp://host/w.pth: unsupported'),
-      ({'distributed.initialize': 'maybe'}, 'config.distributed.initialize: .* must be one of')):
+      ({'distributed.initialize': 'maybe'}, 'config.distributed.initialize: .* must be one of'),
+      ({'lr.base': -0.5}, r'config.lr.base: must be > 0, got -0.5'),
+      ({'checkpoint_every_steps': 0}, 'config.checkpoint_every_steps: must be a positive int'),
+      ({'lr.base_batch': 0}, 'config.lr.base_batch: must be a positive int'),
+      ({'model.dropout_rate': 1.0}, r'config.model.dropout_rate: must be in \[0, 1\)'),
+      ({'data.blur_prob': 1.5}, r'config.data.blur_prob: must be in \[0, 1\]'),
+      ({'data.area_range': (0.5, 0.2)}, 'config.data.area_range: must be .* 0 < low <= high'),
+      ({'optimizer.weight_decay': -1e-4}, 'config.optimizer.weight_decay: must be >= 0')):
     with pytest.raises(ValueError, match=message):
       train.validate_config(tiny_config(dataset, **overrides))
   with pytest.raises(ValueError, match='num_classes=9 but .* has 8 classes'):
