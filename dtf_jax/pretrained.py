@@ -22,10 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import traverse_util
 from etils import epath
 
 from dtf_jax import storage
-from dtf_jax.models import create_model, size_kwargs
+from dtf_jax.models import create_model, size_kwargs, variable_shapes
 
 META_FILE = 'meta.json'
 VARIABLES_DIR = 'variables'
@@ -63,8 +64,9 @@ def save_pretrained(directory: str, model_name: str, model_kwargs: Dict[str, Any
 
   ``model_kwargs`` must include ``num_classes`` and ``clip_length``; ``source`` describes where
   the weights came from (kind, file, sha256, inflation choices); ``class_names`` the classifier's
-  classes in order. Both files are written atomically (orbax finalises a temporary directory;
-  ``meta.json`` by ``storage.write_json``).
+  classes in order. Both are written atomically (orbax finalises a temporary directory;
+  ``meta.json`` by ``storage.write_json``); with ``overwrite``, the new variables are written
+  beside the old ones and swapped in only once complete.
   """
   directory = storage.path(directory)
   target = directory / VARIABLES_DIR
@@ -73,12 +75,22 @@ def save_pretrained(directory: str, model_name: str, model_kwargs: Dict[str, Any
   if class_names is not None and len(class_names) != model_kwargs['num_classes']:
     raise ValueError(f'{len(class_names)} class names for {model_kwargs["num_classes"]} classes')
   directory.mkdir(parents=True, exist_ok=True)
+  # Replacing: the new copy is written beside the old one, then swapped in by renames.
+  new, old = (directory / f'{VARIABLES_DIR}.{suffix}' for suffix in ('new', 'old'))
+  for leftover in (new, old):  # of an earlier run stopped half way
+    if leftover.exists():
+      leftover.rmtree()
   with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(target, variables, force=overwrite)
+    checkpointer.save(new if target.exists() else target, variables)
+  if new.exists():
+    target.rename(old)
+    new.rename(target)
   meta = {'model': model_name, 'kwargs': {k: _json_ready(v) for k, v in model_kwargs.items()},
           'class_names': list(class_names) if class_names is not None else None,
           'source': source}
   storage.write_json(directory / META_FILE, meta, sort_keys=True)
+  if old.exists():
+    old.rmtree()
   return str(directory)
 
 
@@ -139,12 +151,34 @@ def load_pretrained(path: str, step: Optional[int] = None,
       raise ValueError(f'{path} is a pretrained directory: it has no steps (step={step})')
     with ocp.StandardCheckpointer() as checkpointer:
       variables = checkpointer.restore(path / VARIABLES_DIR)
-    return model, variables
-  checkpoints, steps = _checkpoint_steps(path)
-  if not steps:
-    raise FileNotFoundError(f'{path}: no checkpoint in {checkpoints}')
-  if step is None:
-    step = steps[-1]
-  elif step not in steps:
-    raise FileNotFoundError(f'{path}: no checkpoint for step {step} (steps: {steps})')
-  return model, _restore_variables(checkpoints / str(step) / STATE_ITEM)
+  else:
+    checkpoints, steps = _checkpoint_steps(path)
+    if not steps:
+      raise FileNotFoundError(f'{path}: no checkpoint in {checkpoints}')
+    if step is None:
+      step = steps[-1]
+    elif step not in steps:
+      raise FileNotFoundError(f'{path}: no checkpoint for step {step} (steps: {steps})')
+    variables = _restore_variables(checkpoints / str(step) / STATE_ITEM)
+  check_variables(variables, model, f'{path} ({meta["model"]})')
+  return model, variables
+
+
+def check_variables(variables: Mapping[str, Any], model: nn.Module, what: str) -> None:
+  """Raises ``ValueError`` unless ``variables`` has exactly the names and shapes of ``model``'s
+  ``params`` and ``batch_stats`` (a file's metadata can disagree with its arrays)."""
+  want = {f'{c}/{k}': tuple(v.shape) for c, flat in variable_shapes(model).items()
+          for k, v in flat.items()}
+  have = {f'{c}/{"/".join(k)}': tuple(np.shape(v)) for c in ('params', 'batch_stats')
+          for k, v in traverse_util.flatten_dict(dict(variables.get(c, {}))).items()}
+  problems = []
+  for label, names in (('missing', sorted(want.keys() - have.keys())),
+                       ('unexpected', sorted(have.keys() - want.keys()))):
+    if names:
+      problems.append(f'{len(names)} {label} ({", ".join(names[:4])}{", ..." * (len(names) > 4)})')
+  shapes = sorted(k for k in want.keys() & have.keys() if want[k] != have[k])
+  if shapes:
+    problems.append(f'{len(shapes)} of another shape (' + ', '.join(
+        f'{k}: {have[k]} for {want[k]}' for k in shapes[:4]) + ', ...' * (len(shapes) > 4) + ')')
+  if problems:
+    raise ValueError(f'{what}: the arrays do not fit the model: {"; ".join(problems)}')

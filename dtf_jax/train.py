@@ -630,7 +630,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, with_eval: bool = Fal
   steps of this call (a time-limited job; the next call resumes)."""
   workdir = storage.path(workdir)
   s = setup(config)
-  write_config(config, workdir, s.train_source.class_names)
   writer = metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
   manager = checkpoint_manager(workdir, config.keep_checkpoints)
   progress = {'step': 0, 'data_index': 0}
@@ -642,6 +641,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, with_eval: bool = Fal
     state = s.init_state()
     if config.init_from:
       state = init_from(state, config.init_from, s)
+  # Only now: a config that cannot restore the checkpoints must not replace the one that can.
+  write_config(config, workdir, s.train_source.class_names)
   if jax.process_index() == 0:
     parameter_overview.log_parameter_overview(state.params)
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))

@@ -5,6 +5,7 @@ FLOP counts trace the full-size models with ``jax.eval_shape`` parameters and ``
 inputs (nothing is compiled). The CLI and checkpoint tests use small inputs / tiny models.
 """
 
+import json
 import os
 import re
 
@@ -362,6 +363,17 @@ def test_pretrained_round_trip(tmp_path):
   override_model, _ = load_pretrained(path, dropout_rate=0.1)
   assert override_model.dropout_rate == 0.1 and override_model.width == 8
 
+  # meta.json that disagrees with the arrays is refused, naming what does not fit.
+  meta_path = os.path.join(path, 'meta.json')
+  meta = json.loads(open(meta_path).read())
+  with open(meta_path, 'w') as f:
+    json.dump(dict(meta, model='c2d_r50'), f)
+  with pytest.raises(ValueError, match=r'\(c2d_r50\): the arrays do not fit the model: \d+ '
+                                       r'unexpected \(batch_stats/stage4_block0/temporal'):
+    load_pretrained(path)
+  with pytest.raises(ValueError, match=r'params/head/kernel: \(\d+, 10\) for \(\d+, 6\)'):
+    load_pretrained(path, num_classes=6)
+
 
 def test_pretrained_refuses_to_overwrite(tmp_path):
   model = create_model('dtf_r50', **TINY_DTF)
@@ -373,10 +385,22 @@ def test_pretrained_refuses_to_overwrite(tmp_path):
     save_pretrained(directory, 'dtf_r50', TINY_DTF, second)
   _, kept = load_pretrained(directory)
   np.testing.assert_array_equal(kept['params']['head']['kernel'], first['params']['head']['kernel'])
+  # A replacement that fails half way (here: an array that cannot be read) keeps the old copy.
+  class Unreadable:
+    shape, dtype = (3,), np.float32
+
+    def __array__(self, *args, **kwargs):
+      raise RuntimeError('disk full')
+  broken = {'params': dict(second['params'], extra=Unreadable())}
+  with pytest.raises(RuntimeError, match='disk full'):
+    save_pretrained(directory, 'dtf_r50', TINY_DTF, broken, overwrite=True)
+  _, kept = load_pretrained(directory)
+  np.testing.assert_array_equal(kept['params']['head']['kernel'], first['params']['head']['kernel'])
   save_pretrained(directory, 'dtf_r50', TINY_DTF, second, overwrite=True)
   _, replaced = load_pretrained(directory)
   np.testing.assert_array_equal(replaced['params']['head']['kernel'],
                                 second['params']['head']['kernel'])
+  assert sorted(os.listdir(directory)) == ['meta.json', 'variables']
 
 
 def test_load_pretrained_without_meta(tmp_path):

@@ -145,6 +145,12 @@ def test_resume_equals_uninterrupted_and_eval_matches_direct(dataset, tmp_path):
   first, _ = train.train(config, str(tmp_path / 'resumed'), stop_after=3)
   assert int(first.step) == 3
   assert sorted(os.listdir(tmp_path / 'resumed' / 'checkpoints'))[:1] == ['3']
+  # A resume with a config whose model the checkpoint does not fit fails, and leaves
+  # config.json describing the checkpoints.
+  saved_config = (tmp_path / 'resumed' / 'config.json').read_bytes()
+  with pytest.raises(ValueError):
+    train.train(tiny_config(dataset, **{'model.width': 16}), str(tmp_path / 'resumed'))
+  assert (tmp_path / 'resumed' / 'config.json').read_bytes() == saved_config
   resumed, _ = train.train(config, str(tmp_path / 'resumed'))
   assert int(resumed.step) == int(straight.step) == 6
   a, b = _flat(straight.params), _flat(resumed.params)

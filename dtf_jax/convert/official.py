@@ -37,7 +37,7 @@ import numpy as np
 
 from dtf_jax.convert import imagenet
 from dtf_jax.convert.state_dict import unwrap_state_dict
-from dtf_jax.models import create_model
+from dtf_jax.models import create_model, example_input_shape, variable_shapes
 from dtf_jax.models.swin import SwinTransformer, effective_window, relative_position_index, \
     shifted_window_mask
 
@@ -225,14 +225,6 @@ def _flatten(tree) -> Dict[str, Any]:
   return {'/'.join(k): v for k, v in flax.traverse_util.flatten_dict(tree).items()}
 
 
-def _expected_variables(model, clip_length: int):
-  """Shapes of the model's variables, without allocating them."""
-  size = model.image_size if isinstance(model, SwinTransformer) else 64
-  video = jax.ShapeDtypeStruct((1, clip_length, size, size, 3), jnp.float32)
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), video)
-  return {c: _flatten(shapes[c]) for c in ('params', 'batch_stats') if c in shapes}
-
-
 def _swin_block_layout(model: SwinTransformer) -> Dict[str, Tuple[int, int, int]]:
   """``stage{s}_block{b}`` -> (tokens per side, effective window, effective shift)."""
   layout, res = {}, model.image_size // model.patch_size
@@ -319,7 +311,7 @@ def map_state_dict(model, state_dict: Mapping[str, Any], *, source: str = 'auto'
     raise ConversionError(f'stem_init must be one of {imagenet.STEM_INITS}, got {stem_init!r}')
   source = detected
   from_imagenet = source != 'dtf'
-  expected = _expected_variables(model, model.clip_length)
+  expected = variable_shapes(model)
   params = expected['params']
   swin_layout = _swin_block_layout(model) if is_swin else {}
   report = ConversionReport(source=source, layout=layout)
@@ -420,8 +412,7 @@ def init_variables(model, paths, seed: int = 0) -> Dict[str, np.ndarray]:
   """Fresh values of the variables ``paths`` (``'collection/a/b'``) of ``model``, as
   ``model.init(PRNGKey(seed), ...)`` gives them. Jitted and returning only those arrays, so
   that the forward pass and the other initialisers are compiled away."""
-  size = model.image_size if isinstance(model, SwinTransformer) else 64
-  video = jnp.zeros((1, model.clip_length, size, size, 3), jnp.float32)
+  video = jnp.zeros(example_input_shape(model), jnp.float32)
   paths = set(paths)
 
   def init(rng):

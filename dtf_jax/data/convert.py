@@ -32,10 +32,25 @@ contiguous runs), a shard appears only when complete (``dtf_jax.storage.atomic_w
 a run that is killed and started again with the same arguments skips the finished shards and ends
 with byte-identical files. Videos that cannot be decoded (missing, empty, corrupt,
 truncated, no video stream) or have fewer than ``--min-frames`` frames are skipped and listed.
+
+A run holds ``{output}/.convert/lock`` (JSON: host, pid, start time) until it ends, also on errors
+and Ctrl-C: a second converter on the same output stops at once naming the holder, and a lock left
+by a process that no longer runs on the same host is taken over with a warning. On local disk the
+lock is created atomically (``O_CREAT | O_EXCL``); an object store has no atomic create-if-absent
+through the path layer, so in a bucket the lock is advisory (written, then read back to check).
+
+Ctrl-C stops the run promptly: pending shards are cancelled, worker processes are terminated, only
+finished shards stay (no ``.tmp`` left behind) and the same command resumes. A split that writes no
+video at all (none listed, or all skipped) still gets its manifest, and the run fails.
+
+Exit codes: 0 done; 1 failure (one line on stderr: missing input, bad annotation, output not
+writable, output in use, a split with 0 videos written); 2 bad arguments; 3 stopped by
+``--max-shards``; 130 interrupted (Ctrl-C).
 """
 
 import argparse
 import concurrent.futures
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -45,8 +60,11 @@ import math
 import multiprocessing
 import os
 import re
+import signal
+import socket
 import sys
 import time
+import uuid
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from dtf_jax import storage
@@ -67,6 +85,25 @@ SCHEMA = {
 }
 FORMATS = ('kinetics', 'ssv2', 'ssv1', 'list')
 STATE_DIR = '.convert'
+LOCK_NAME = 'lock'  # in STATE_DIR
+KINETICS_COLUMNS = ('youtube_id', 'time_start', 'time_end')  # required; label, split optional
+
+
+class ConvertError(ValueError):
+  """Bad input, unusable output or output in use; the message names the culprit."""
+
+
+class LockHeld(ConvertError):
+  """Another converter holds the output folder's lock."""
+
+
+class Interrupted(KeyboardInterrupt):
+  """Ctrl-C during ``convert_split``: ``done`` of ``total`` shards of ``split`` are finished (and
+  kept); the same call again resumes."""
+
+  def __init__(self, split: str, done: int, total: int):
+    super().__init__(f'{split}: {done} of {total} shards done')
+    self.split, self.done, self.total = split, done, total
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,25 +158,50 @@ def _dedupe(items: List[VideoItem]) -> List[VideoItem]:
 def read_kinetics(csv_paths: Sequence[str], videos_dir: str,
                   class_names: Optional[Sequence[str]] = None):
   """Kinetics CSVs -> ``(classes, {split: items})``; classes sorted by name unless given."""
-  rows = []
+  rows, splits = [], {}
   for path in csv_paths:
-    for row in csv.DictReader(io.StringIO(_read_text(path), newline='')):
+    text = _read_text(path)
+    reader = csv.DictReader(io.StringIO(text, newline=''))
+    if reader.fieldnames is None:  # an empty file: a split (its stem) with no video
+      splits.setdefault(storage.path(path).stem, [])
+      continue
+    missing = [c for c in KINETICS_COLUMNS if c not in reader.fieldnames]
+    if missing:
+      raise ConvertError(
+          f'{path}: missing column{"s" if len(missing) > 1 else ""} {", ".join(missing)} (header: '
+          f'{",".join(reader.fieldnames)}; required: {", ".join(KINETICS_COLUMNS)})')
+    count = 0
+    for row in reader:
+      line = f'{path}:{reader.line_num}'
       split = (row.get('split') or '').strip() or storage.path(path).stem
-      rows.append((split, (row.get('label') or '').strip(), row['youtube_id'].strip(),
-                   int(float(row['time_start'])), int(float(row['time_end']))))
+      youtube_id = (row.get('youtube_id') or '').strip()
+      if not youtube_id:
+        raise ConvertError(f'{line}: empty youtube_id')
+      rows.append((split, (row.get('label') or '').strip(), youtube_id,
+                   _csv_int(row, 'time_start', line), _csv_int(row, 'time_end', line), line))
+      count += 1
+    if not count:
+      splits.setdefault(storage.path(path).stem, [])
   if class_names is None:
     class_names = sorted({label for _, label, *_ in rows if label})
   index = {name: i for i, name in enumerate(class_names)}
   files = _index_videos(videos_dir)
-  splits = {}
-  for split, label, youtube_id, start, end in rows:
+  for split, label, youtube_id, start, end, line in rows:
     vid = f'{youtube_id}_{start:06d}_{end:06d}'
     if label and label not in index:
-      raise ValueError(f'Kinetics label {label!r} of {vid} is not in the class list')
+      raise ConvertError(f'{line}: Kinetics label {label!r} of {vid} is not in the class list')
     rel = files.get(vid, vid + '.mp4')
     splits.setdefault(split, []).append(VideoItem(
         vid, _join(videos_dir, rel), rel, index[label] if label else -1, label))
   return list(class_names), {k: _dedupe(v) for k, v in splits.items()}
+
+
+def _csv_int(row: dict, key: str, line: str) -> int:
+  text = (row.get(key) or '').strip()
+  try:
+    return int(float(text))
+  except (ValueError, OverflowError):
+    raise ConvertError(f'{line}: {key} {text!r} is not a number') from None
 
 
 def _strip_template(template: str) -> str:
@@ -213,19 +275,27 @@ def read_list(split_lists: Dict[str, str], root: str, class_names_path: Optional
       if not line or line.startswith('#'):
         continue
       parts = line.rsplit(maxsplit=1)
-      if len(parts) != 2 or not parts[1].lstrip('-').isdigit():
-        raise ValueError(f'{path}:{lineno}: expected "relative/path label_index", got {line!r}')
+      if len(parts) != 2 or not re.fullmatch(r'-?[0-9]+', parts[1]):
+        raise ConvertError(f'{path}:{lineno}: expected "relative/path label_index", got {line!r}')
       rel, label = parts[0], int(parts[1])
+      if label < -1:
+        raise ConvertError(f'{path}:{lineno}: label {label} of {rel!r} is negative (labels are '
+                           '0..C-1, or -1 for an unlabelled video)')
       max_label = max(max_label, label)
-      items.append((rel, label))
+      items.append((rel, label, lineno))
     out[split] = items
   classes = (_read_names(class_names_path) if class_names_path
              else [str(i) for i in range(max_label + 1)])
-  if max_label >= len(classes):
-    raise ValueError(f'label index {max_label} but only {len(classes)} class names')
+  for split, items in out.items():
+    for rel, label, lineno in items:
+      if label >= len(classes):
+        raise ConvertError(f'{split_lists[split]}:{lineno}: label {label} of {rel!r} but '
+                           f'{class_names_path} has only {len(classes)} class names '
+                           f'(labels 0..{len(classes) - 1})')
   return classes, {
       split: _dedupe([VideoItem(rel, _join(root, rel), rel, label,
-                                classes[label] if label >= 0 else '') for rel, label in items])
+                                classes[label] if label >= 0 else '')
+                      for rel, label, _ in items])
       for split, items in out.items()}
 
 
@@ -323,6 +393,8 @@ _QUEUE = None
 
 
 def _init_worker(queue, single_threaded: bool):
+  # Ctrl-C is the parent's to handle: it cancels the shards and terminates the workers.
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
   global _QUEUE  # pylint: disable=global-statement
   _QUEUE = queue
   tf = _tf()
@@ -431,24 +503,22 @@ def convert_split(split: str, items: Sequence[VideoItem], output_dir: str, opts:
   if stopped:
     todo = todo[:max_shards]
   progress = Progress(split, len(items), sum(len(shards[i]) for i in done), progress_interval)
-  if workers <= 1:
-    for i in todo:
-      write_shard(paths[i], states[i], shards[i], opts, decode_threads, progress.update)
-  elif todo:
-    ctx = multiprocessing.get_context('spawn')
-    queue = ctx.Queue()
-    with concurrent.futures.ProcessPoolExecutor(
-        min(workers, len(todo)), mp_context=ctx, initializer=_init_worker,
-        initargs=(queue, decode_threads == 1)) as pool:
-      futures = [pool.submit(_shard_task, paths[i], states[i], shards[i], opts, decode_threads)
-                 for i in todo]
-      pending = set(futures)
-      while pending:
-        _drain(queue, progress, timeout=0.2)
-        pending = {f for f in pending if not f.done()}
-      for f in futures:
-        f.result()  # re-raises a worker's exception
-      _drain(queue, progress, timeout=0.5)
+  try:
+    if workers <= 1:
+      for i in todo:
+        write_shard(paths[i], states[i], shards[i], opts, decode_threads, progress.update)
+    elif todo:
+      _write_shards_in_pool([(paths[i], states[i], shards[i]) for i in todo], opts, workers,
+                            decode_threads, progress)
+  except KeyboardInterrupt:
+    for i in todo:  # what terminated workers left (an interrupted write here removes its own)
+      for name in (paths[i], states[i]):
+        tmp = storage.path(name + '.tmp')
+        if not storage.is_url(tmp) and tmp.exists():
+          tmp.unlink()
+    finished = sum(storage.path(paths[i]).exists() and storage.path(states[i]).exists()
+                   for i in range(num_shards))
+    raise Interrupted(split, finished, num_shards) from None
   progress.print(final=True)
   if stopped:
     print(f'[{split}] stopped after {max_shards} new shards (--max-shards); run again to continue.')
@@ -478,6 +548,45 @@ def convert_split(split: str, items: Sequence[VideoItem], output_dir: str, opts:
   return manifest
 
 
+def _write_shards_in_pool(tasks, opts: EncodeOptions, workers: int, decode_threads: int,
+                          progress: Progress) -> None:
+  """Writes ``(path, state_path, items)`` shards in spawned worker processes. On an exception
+  here (Ctrl-C) the pending shards are cancelled and the workers terminated before it goes on."""
+  ctx = multiprocessing.get_context('spawn')
+  queue = ctx.Queue()
+  pool = concurrent.futures.ProcessPoolExecutor(
+      min(workers, len(tasks)), mp_context=ctx, initializer=_init_worker,
+      initargs=(queue, decode_threads == 1))
+  try:
+    futures = [pool.submit(_shard_task, path, state, items, opts, decode_threads)
+               for path, state, items in tasks]
+    pending = set(futures)
+    while pending:
+      _drain(queue, progress, timeout=0.2)
+      pending = {f for f in pending if not f.done()}
+    for f in futures:
+      f.result()  # re-raises a worker's exception
+    _drain(queue, progress, timeout=0.5)
+  except BaseException:
+    _terminate(pool)
+    raise
+  pool.shutdown()
+
+
+def _terminate(pool: concurrent.futures.ProcessPoolExecutor) -> None:
+  """Cancels the pool's pending tasks and terminates its workers (their shards in progress are
+  left as ``.tmp`` files on disk, or no object in a bucket)."""
+  if hasattr(pool, 'terminate_workers'):  # Python >= 3.14
+    pool.terminate_workers()
+    return
+  processes = list((getattr(pool, '_processes', None) or {}).values())
+  pool.shutdown(wait=False, cancel_futures=True)
+  for process in processes:
+    process.terminate()
+  for process in processes:
+    process.join(10)
+
+
 def _drain(queue, progress: Progress, timeout: float) -> None:
   import queue as queue_lib  # pylint: disable=import-outside-toplevel
   try:
@@ -497,6 +606,120 @@ def write_label_map(output_dir: str, classes: Sequence[str], overwrite: bool = F
     raise SystemExit(f'{path} holds another label map; pass --overwrite or use another output.')
   _write_json(path, label_map)
   return str(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The output folder's lock.
+
+
+def _pid_alive(pid) -> bool:
+  if not isinstance(pid, int) or pid <= 0:
+    return True  # unknown: assume it runs
+  if pid == os.getpid():
+    return False  # this process does not hold it (yet): left by an earlier one with our pid
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except OSError:  # PermissionError: it exists, under another user
+    return True
+  return True
+
+
+def _read_lock(lock) -> Optional[dict]:
+  """The holder's record; ``None`` if there is no lock; ``{}`` if it cannot be read (a holder
+  that is still writing it gets a second)."""
+  for attempt in range(6):
+    try:
+      holder = json.loads(lock.read_text(encoding='utf-8'))
+      if isinstance(holder, dict):
+        return holder
+    except FileNotFoundError:
+      return None
+    except (OSError, ValueError):
+      pass
+    if attempt < 5:
+      time.sleep(0.2)
+  return {}
+
+
+def _holder_text(holder: dict) -> str:
+  return (f'host {holder.get("host", "?")}, pid {holder.get("pid", "?")}, started '
+          f'{holder.get("started", "?")}')
+
+
+def _lock_conflict(lock, holder: dict) -> LockHeld:
+  if not holder:
+    return LockHeld(f'{lock} exists but cannot be read: another converter may be starting; if '
+                    'none writes to this output, delete the lock file')
+  return LockHeld(f'the output is in use by another converter ({_holder_text(holder)}): lock file '
+                  f'{lock}; wait for it to end, or delete the lock file if that process is not '
+                  'a converter')
+
+
+def _stale(holder: dict) -> bool:
+  return bool(holder) and holder.get('host') == socket.gethostname() and \
+      not _pid_alive(holder.get('pid'))
+
+
+def _acquire_local(lock, text: str, stream) -> None:
+  for _ in range(5):
+    try:
+      fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+      holder = _read_lock(lock)
+      if holder is None:
+        continue  # released meanwhile
+      if not _stale(holder):
+        raise _lock_conflict(lock, holder) from None
+      _warn_stale(lock, holder, stream)
+      if _read_lock(lock) == holder:
+        lock.unlink(missing_ok=True)
+      continue
+    with os.fdopen(fd, 'w', encoding='utf-8') as f:
+      f.write(text)
+    return
+  raise _lock_conflict(lock, _read_lock(lock) or {})
+
+
+def _acquire_url(lock, mine: dict, stream) -> None:
+  holder = _read_lock(lock) if lock.exists() else None
+  if holder is not None:
+    if not _stale(holder):
+      raise _lock_conflict(lock, holder)
+    _warn_stale(lock, holder, stream)
+  storage.write_text(lock, json.dumps(mine) + '\n')  # no create-if-absent: write, read back
+  back = _read_lock(lock)
+  if back != mine:
+    raise _lock_conflict(lock, back or {})
+
+
+def _warn_stale(lock, holder: dict, stream) -> None:
+  print(f'warning: taking over the stale lock {lock} ({_holder_text(holder)}; that process no '
+        'longer runs)', file=stream, flush=True)
+
+
+@contextlib.contextmanager
+def output_lock(output_dir: str, stream=None):
+  """Holds ``{output_dir}/.convert/lock`` (JSON: host, pid, start time) while the block runs;
+  raises ``LockHeld`` naming the holder if another live converter has it. A lock of a process that
+  no longer runs on this host is taken over with a warning line on ``stream`` (stderr). Atomic on
+  local disk; advisory in an object store (see the module docstring). Yields the lock's path."""
+  stream = stream or sys.stderr
+  lock = storage.path(output_dir) / STATE_DIR / LOCK_NAME
+  lock.parent.mkdir(parents=True, exist_ok=True)
+  mine = {'host': socket.gethostname(), 'pid': os.getpid(),
+          'started': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'token': uuid.uuid4().hex}
+  if storage.is_url(lock):
+    _acquire_url(lock, mine, stream)
+  else:
+    _acquire_local(lock, json.dumps(mine) + '\n', stream)
+  try:
+    yield str(lock)
+  finally:
+    with contextlib.suppress(Exception):  # never hide the exception that ends the block
+      if _read_lock(lock) == mine:
+        lock.unlink()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -581,13 +804,62 @@ def parse_args(argv):
   p.add_argument('--folder-fps', type=float, default=12.0,
                  help='frame rate of listed frame folders (default 12).')
   args = parser.parse_args(argv)
-  if args.jpeg_quality < 1 or args.jpeg_quality > 100:
-    parser.error('--jpeg-quality must be in 1..100')
-  if args.short_side < 0 or args.min_frames < 0 or args.workers < 1:
-    parser.error('--short-side and --min-frames must be >= 0, --workers >= 1')
-  if args.fps is not None and args.fps <= 0:
-    parser.error('--fps must be > 0')
+  for flag, ok, rule in (
+      ('--jpeg-quality', 1 <= args.jpeg_quality <= 100, 'in 1..100'),
+      ('--short-side', args.short_side >= 0, '>= 0 (0 keeps the size)'),
+      ('--min-frames', args.min_frames >= 0, '>= 0'),
+      ('--num-shards', args.num_shards is None or args.num_shards >= 1, '>= 1'),
+      ('--videos-per-shard', args.videos_per_shard >= 1, '>= 1'),
+      ('--workers', args.workers >= 1, '>= 1'),
+      ('--decode-threads', args.decode_threads >= 0, '>= 0 (0: automatic)'),
+      ('--max-shards', args.max_shards is None or args.max_shards >= 1, '>= 1'),
+      ('--fps', _positive(args.fps), 'a number > 0'),
+      ('--folder-fps', _positive(getattr(args, 'folder_fps', None)), 'a number > 0'),
+      ('--progress-interval', args.progress_interval >= 0, '>= 0')):
+    if not ok:
+      parser.error(f'{flag} must be {rule}, got {getattr(args, flag[2:].replace("-", "_"))}')
+  seen = set()
+  for name, _ in getattr(args, 'split', None) or ():
+    if name in seen:
+      parser.error(f'--split {name} is given more than once')
+    seen.add(name)
+  wanted = args.splits.split(',') if args.splits else []
+  if len(set(wanted)) != len(wanted) or '' in wanted:
+    parser.error(f'--splits {args.splits}: empty or repeated split names')
   return args
+
+
+def _positive(x: Optional[float]) -> bool:
+  return x is None or (math.isfinite(x) and x > 0)
+
+
+def _check_inputs(args) -> None:
+  """Raises ``ConvertError`` naming the flag of a missing input file or folder."""
+  files, folders = [], []
+  if args.format == 'kinetics':
+    files += [('--csv', p) for p in args.csv]
+    folders.append(('--videos', args.videos))
+  elif args.format == 'ssv2':
+    folders += [('--annotations', args.annotations), ('--videos', args.videos)]
+    files.append(('--annotations', str(storage.path(args.annotations) / 'labels.json')))
+  elif args.format == 'ssv1':
+    files.append(('--labels', args.labels))
+    folders.append(('--videos', args.videos))
+  else:
+    folders.append(('--root', args.root))
+  files += [(f'--split {name}=', p) for name, p in getattr(args, 'split', None) or ()]
+  if getattr(args, 'class_names', None):
+    files.append(('--class-names', args.class_names))
+  for flag, location in folders:
+    p = storage.path(location)
+    if not p.is_dir():
+      what = 'is not a folder' if p.exists() else 'no such folder'
+      raise ConvertError(f'{flag} {location}: {what}')
+  for flag, location in files:
+    p = storage.path(location)
+    if not p.exists() or p.is_dir():
+      what = 'is a folder, not a file' if p.exists() else 'no such file'
+      raise ConvertError(f'{flag}{"" if flag.endswith("=") else " "}{location}: {what}')
 
 
 def read_dataset(args):
@@ -603,23 +875,56 @@ def read_dataset(args):
   return read_list(dict(args.split), args.root, args.class_names)
 
 
-def main(argv=None):
+def main(argv=None) -> int:
+  """The command line; returns the exit code (see the module docstring), or exits with a one-line
+  message (1: failure, 2: bad arguments)."""
   args = parse_args(argv)
   os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
+  try:
+    return _run(args)
+  except Interrupted as e:
+    print(f'interrupted: {e.done} of {e.total} {e.split} shards are done and kept; run the same '
+          'command again to resume.', file=sys.stderr, flush=True)
+  except KeyboardInterrupt:
+    print('interrupted; run the same command again to resume.', file=sys.stderr, flush=True)
+  except ConvertError as e:
+    sys.exit(f'error: {e}')
+  except OSError as e:
+    sys.exit(f'error: {e.filename}: {e.strerror}' if e.filename and e.strerror else f'error: {e}')
+  return 130
+
+
+def _run(args) -> int:
+  _check_inputs(args)
   classes, splits = read_dataset(args)
   if args.splits:
     wanted = args.splits.split(',')
     missing = [s for s in wanted if s not in splits]
     if missing:
-      sys.exit(f'--splits {",".join(missing)}: not in the input (has {", ".join(sorted(splits))})')
+      raise ConvertError(f'--splits {",".join(missing)}: not in the input (has '
+                         f'{", ".join(sorted(splits)) or "no split"})')
     splits = {s: splits[s] for s in wanted}
-  storage.path(args.output).mkdir(parents=True, exist_ok=True)
+  if not splits:
+    raise ConvertError('the input defines no split')
+  output = storage.path(args.output)
+  if output.exists() and not output.is_dir():
+    raise ConvertError(f'--output {args.output} is a file, not a folder')
+  with contextlib.ExitStack() as stack:
+    try:
+      output.mkdir(parents=True, exist_ok=True)
+      stack.enter_context(output_lock(args.output))
+    except OSError as e:
+      raise ConvertError(f'--output {args.output}: cannot write there ({e.strerror or e})') from e
+    return _convert(args, classes, splits)
+
+
+def _convert(args, classes, splits) -> int:
   print(f'{args.format}: {len(classes)} classes; '
         + ', '.join(f'{s}: {len(v)} videos' for s, v in splits.items()))
   write_label_map(args.output, classes, args.overwrite)
   opts = EncodeOptions(short_side=args.short_side, fps=args.fps, jpeg_quality=args.jpeg_quality,
                        min_frames=args.min_frames, folder_fps=getattr(args, 'folder_fps', 12.0))
-  complete = True
+  complete, empty = True, []
   for split, items in splits.items():
     num_shards = args.num_shards or max(1, math.ceil(len(items) / args.videos_per_shard))
     manifest = convert_split(
@@ -628,6 +933,14 @@ def main(argv=None):
         progress_interval=args.progress_interval,
         extra_manifest={'format': args.format, 'num_classes': len(classes)})
     complete &= manifest is not None
+    if manifest is not None and manifest['videos_written'] == 0:
+      reasons = ', '.join(f'{k} {v}' for k, v in manifest['skipped_by_reason'].items())
+      path = storage.path(args.output) / f'{split}-manifest.json'
+      empty.append(f'split {split} wrote 0 videos ('
+                   + (f'{len(items)} listed, skipped: {reasons}' if items else 'none listed')
+                   + f'; see {path})')
+  if empty:
+    raise ConvertError('; '.join(empty))
   return 0 if complete else 3
 
 

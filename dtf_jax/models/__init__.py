@@ -7,9 +7,13 @@ the architecture of a name (e.g. ``temporal``) may still be overridden for ablat
 """
 
 import dataclasses
-from typing import Any, Callable, Dict, List
+import functools
+from typing import Any, Callable, Dict, List, Tuple
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
 
 from dtf_jax.models.resnet import ResNet
 from dtf_jax.models.swin import SwinTransformer
@@ -38,6 +42,22 @@ def list_models() -> List[str]:
 def model_fields(cls: Callable) -> List[str]:
   """Attributes of a model class that can be set as keyword arguments."""
   return [f.name for f in dataclasses.fields(cls) if f.name not in ('parent', 'name')]
+
+
+def example_input_shape(model: nn.Module, batch: int = 1) -> Tuple[int, ...]:
+  """``B T H W 3`` of an input ``model`` takes: its clip length and, for Swin (built for one frame
+  size), its ``image_size``; ResNets take any size (64 here)."""
+  size = model.image_size if isinstance(model, SwinTransformer) else 64
+  return (batch, model.clip_length, size, size, 3)
+
+
+def variable_shapes(model: nn.Module) -> Dict[str, Dict[str, jax.ShapeDtypeStruct]]:
+  """``{'params': {'a/b': shape and dtype}, 'batch_stats': {...}}`` of ``model``, flat, without
+  computing or allocating anything."""
+  video = jax.ShapeDtypeStruct(example_input_shape(model), jnp.float32)
+  shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0), video)
+  return {c: {'/'.join(k): v for k, v in traverse_util.flatten_dict(shapes[c]).items()}
+          for c in ('params', 'batch_stats') if c in shapes}
 
 
 def size_kwargs(name: str, size: int) -> Dict[str, Any]:
