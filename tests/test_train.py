@@ -259,8 +259,7 @@ _STEPS_SCRIPT = textwrap.dedent(r'''
     s = train.setup(config)
     assert jax.device_count() == {devices}, jax.devices()
     state = s.init_state()
-    step = train.make_train_step(s.model, s.tx, s.schedule, config, s.state_sharding,
-                                 s.batch_sharding)
+    step = train.make_train_step(s)
     batches = iter(train.train_data(config, s, 0))
     losses = []
     for _ in range(3):
@@ -348,7 +347,7 @@ def test_config_errors(dataset, tmp_path):
       ({'data.dataset': 'tfrecord:ram://k400'}, 'config.data.dataset: ram://k400: unsupported'),
       ({'init_from': 'ftp://host/w.pth'}, 'config.init_from: ftp://host/w.pth: unsupported'),
       ({'distributed.initialize': 'maybe'}, 'config.distributed.initialize: .* must be one of'),
-      ({'lr.base': -0.5}, r'config.lr.base: must be > 0, got -0.5'),
+      ({'lr.base': -0.5}, r'config.lr.base: must be >= 0, got -0.5'),
       ({'checkpoint_every_steps': 0}, 'config.checkpoint_every_steps: must be a positive int'),
       ({'lr.base_batch': 0}, 'config.lr.base_batch: must be a positive int'),
       ({'model.dropout_rate': 1.0}, r'config.model.dropout_rate: must be in \[0, 1\)'),

@@ -459,6 +459,7 @@ def convert_split(split: str, items: Sequence[VideoItem], output_dir: str, opts:
 
   Finished shards (file and bookkeeping present, same settings) are kept; others are (re)written.
   ``decode_threads`` are FFmpeg threads per video (1: single-threaded, the default; 0: auto).
+  Ctrl-C raises ``Interrupted`` once the workers are stopped and temporaries removed.
   """
   output = storage.path(output_dir)
   state_dir = output / STATE_DIR
@@ -612,11 +613,12 @@ def write_label_map(output_dir: str, classes: Sequence[str], overwrite: bool = F
 # The output folder's lock.
 
 
+_HELD_LOCKS = set()  # tokens of the locks this process holds
+
+
 def _pid_alive(pid) -> bool:
   if not isinstance(pid, int) or pid <= 0:
     return True  # unknown: assume it runs
-  if pid == os.getpid():
-    return False  # this process does not hold it (yet): left by an earlier one with our pid
   try:
     os.kill(pid, 0)
   except ProcessLookupError:
@@ -658,8 +660,11 @@ def _lock_conflict(lock, holder: dict) -> LockHeld:
 
 
 def _stale(holder: dict) -> bool:
-  return bool(holder) and holder.get('host') == socket.gethostname() and \
-      not _pid_alive(holder.get('pid'))
+  if not holder or holder.get('host') != socket.gethostname():
+    return False  # another host's process cannot be checked
+  if holder.get('pid') == os.getpid():  # this process, or an earlier one with the same pid
+    return holder.get('token') not in _HELD_LOCKS
+  return not _pid_alive(holder.get('pid'))
 
 
 def _acquire_local(lock, text: str, stream) -> None:
@@ -714,9 +719,11 @@ def output_lock(output_dir: str, stream=None):
     _acquire_url(lock, mine, stream)
   else:
     _acquire_local(lock, json.dumps(mine) + '\n', stream)
+  _HELD_LOCKS.add(mine['token'])
   try:
     yield str(lock)
   finally:
+    _HELD_LOCKS.discard(mine['token'])
     with contextlib.suppress(Exception):  # never hide the exception that ends the block
       if _read_lock(lock) == mine:
         lock.unlink()
@@ -774,7 +781,10 @@ def parse_args(argv):
                                    epilog=__doc__.split('\n', 1)[1])
   sub = parser.add_subparsers(dest='format', required=True, metavar='FORMAT')
   fmt = argparse.RawDescriptionHelpFormatter
-  p = sub.add_parser('kinetics', parents=[common], formatter_class=fmt,
+  exits = ('exit codes: 0 done, 1 failure (one line on stderr), 2 bad arguments, 3 stopped by '
+           '--max-shards,\n130 interrupted (Ctrl-C: finished shards stay; the same command '
+           'resumes).')
+  p = sub.add_parser('kinetics', parents=[common], formatter_class=fmt, epilog=exits,
                      help='Kinetics CSVs + video folder.')
   p.add_argument('--csv', action='append', required=True,
                  help='annotation CSV label,youtube_id,time_start,time_end,split (repeatable).')
@@ -782,12 +792,12 @@ def parse_args(argv):
                  help='folder holding {youtube_id}_{start:06d}_{end:06d}.mp4 (any depth).')
   p.add_argument('--class-names', default=None,
                  help='class list (one per line; index = line) instead of the sorted CSV labels.')
-  p = sub.add_parser('ssv2', parents=[common], formatter_class=fmt,
+  p = sub.add_parser('ssv2', parents=[common], formatter_class=fmt, epilog=exits,
                      help='Something-Something V2 json + webm videos.')
   p.add_argument('--annotations', required=True,
                  help='folder with labels.json, train.json, validation.json [, test.json].')
   p.add_argument('--videos', required=True, help='folder holding {id}.webm.')
-  p = sub.add_parser('ssv1', parents=[common], formatter_class=fmt,
+  p = sub.add_parser('ssv1', parents=[common], formatter_class=fmt, epilog=exits,
                      help='Something-Something V1 CSVs + JPEG frame folders.')
   p.add_argument('--labels', required=True, help='category list, one name per line.')
   p.add_argument('--split', action='append', type=_split_arg, required=True, metavar='NAME=CSV',
@@ -795,7 +805,7 @@ def parse_args(argv):
   p.add_argument('--videos', required=True, help='folder holding one frame folder {id}/ per video.')
   p.add_argument('--folder-fps', type=float, default=12.0,
                  help='frame rate of the frame folders (default 12).')
-  p = sub.add_parser('list', parents=[common], formatter_class=fmt,
+  p = sub.add_parser('list', parents=[common], formatter_class=fmt, epilog=exits,
                      help='generic "relative/path label_index" lists.')
   p.add_argument('--split', action='append', type=_split_arg, required=True, metavar='NAME=FILE',
                  help='split name and its list file (repeatable).')
