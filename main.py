@@ -11,8 +11,10 @@ the wrong type stops before anything is loaded. The resolved config is written t
 WORKDIR/config.json.
 """
 
+import difflib
 import logging
 import os
+import re
 import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')  # before anything imports TensorFlow
@@ -29,6 +31,77 @@ flags.DEFINE_string('workdir', None, 'directory for checkpoints, logs, eval repo
                     'or a URL (gs://bucket/runs/name); on several hosts, one every host reaches.')
 flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'train_and_eval'], 'what to run.')
 flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def _usage_error(message: str):
+  """Exits with ``message`` as one line on stderr and code 2 (bad usage)."""
+  print(f'{os.path.basename(sys.argv[0])}: error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def _config_value(argv):
+  """The value of the last ``--config=path.py[:arg]`` / ``--config path.py[:arg]`` in ``argv``."""
+  value = None
+  for i, arg in enumerate(argv[1:], 1):
+    if arg == '--':
+      break
+    if re.match(r'--?config=', arg):
+      value = arg.split('=', 1)[1]
+    elif re.fullmatch(r'--?config', arg) and i + 1 < len(argv):
+      value = argv[i + 1]
+  return value
+
+
+def _unknown_field(argv, config_value):
+  """A message naming the first ``--config.FIELD`` in ``argv`` that is no field of the config
+  file, or None."""
+  try:
+    config = config_flags.config_flags.ConfigFileFlagParser('config', lock_config=False).parse(
+        config_value)
+  except Exception:  # pylint: disable=broad-except
+    return None  # the file itself fails: reported by absl's message
+  for arg in argv[1:]:
+    if arg == '--':
+      break
+    match = re.match(r'--?(?:no)?config\.([^=]+)', arg)
+    if not match:
+      continue
+    node, parents = config, []
+    for part in match.group(1).split('.'):
+      if '[' in part or not hasattr(node, 'keys'):
+        break  # an index, or a value that is not a ConfigDict: left to ml_collections
+      if part not in node.keys():
+        prefix = ''.join(p + '.' for p in parents)
+        close = difflib.get_close_matches(part, list(node.keys()), n=1)
+        hint = (f'did you mean --config.{prefix}{close[0]}?' if close else
+                f'{"config." + prefix[:-1] if prefix else "the config"} has '
+                f'{", ".join(sorted(node.keys()))}')
+        return (f'--config.{match.group(1)}: {config_value} has no field {prefix}{part}; '
+                f'{hint}')
+      node, parents = node[part], parents + [part]
+  return None
+
+
+def parse_flags(argv):
+  """absl's flag parsing, except that a usage error (a missing config file, an unknown config
+  field, a bad flag value) is one line on stderr naming the culprit, with exit code 2."""
+  config_value = _config_value(argv)
+  if config_value is not None:
+    path = config_value.split(':', 1)[0]
+    if not os.path.isfile(path):
+      _usage_error(f'--config={config_value}: no such config file: {path}')
+  try:
+    args = FLAGS(argv)
+    if FLAGS.config is not None:
+      FLAGS.config.keys()  # a config file that failed to load raises here
+    return args
+  except (flags.Error, AttributeError, KeyError, OSError, TypeError, ValueError,
+          config_flags.config_flags.UnsupportedOperationError) as e:
+    message = _unknown_field(argv, config_value) if config_value is not None else None
+    if message is None:
+      lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+      message = ' '.join(lines[:1] + lines[-1:] if len(lines) > 1 else lines) or repr(e)
+    _usage_error(message)
 
 
 class _QuietCheckpointing(logging.Filter):
@@ -55,10 +128,13 @@ def main(argv):
     train.validate_config(config)
   except ValueError as e:
     sys.exit(f'error: {e}')
-  if FLAGS.mode == 'eval':
-    results = train.evaluate_checkpoint(config, workdir)
-  else:
-    _, results = train.train(config, workdir, with_eval=FLAGS.mode == 'train_and_eval')
+  try:
+    if FLAGS.mode == 'eval':
+      results = train.evaluate_checkpoint(config, workdir)
+    else:
+      _, results = train.train(config, workdir, with_eval=FLAGS.mode == 'train_and_eval')
+  except (FileNotFoundError, train.CheckpointError) as e:
+    sys.exit(f'error: {e}')
   if results and jax.process_index() == 0:
     if results['labelled']:
       print(f'top1 {results["top1"]:.4f} top5 {results["top5"]:.4f} '
@@ -69,4 +145,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

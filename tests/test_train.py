@@ -148,7 +148,7 @@ def test_resume_equals_uninterrupted_and_eval_matches_direct(dataset, tmp_path):
   # A resume with a config whose model the checkpoint does not fit fails, and leaves
   # config.json describing the checkpoints.
   saved_config = (tmp_path / 'resumed' / 'config.json').read_bytes()
-  with pytest.raises(ValueError):
+  with pytest.raises(train.CheckpointError, match='checkpoint 3 in .* does not restore'):
     train.train(tiny_config(dataset, **{'model.width': 16}), str(tmp_path / 'resumed'))
   assert (tmp_path / 'resumed' / 'config.json').read_bytes() == saved_config
   resumed, _ = train.train(config, str(tmp_path / 'resumed'))
@@ -196,6 +196,20 @@ def test_resume_equals_uninterrupted_and_eval_matches_direct(dataset, tmp_path):
   with open(report / 'eval_results.json') as f:
     saved = json.load(f)
   assert saved['step'] == 6 and saved['num_views'] == 6 * source.num_videos
+
+  # A damaged latest checkpoint (a file cut in half): eval of that step fails with one line;
+  # training resumes from the step before, sets the damaged one aside, and ends as before.
+  checkpoints = tmp_path / 'resumed' / 'checkpoints'
+  files = [p for p in (checkpoints / '6' / 'state').rglob('*') if p.is_file()]
+  biggest = max(files, key=lambda p: p.stat().st_size)
+  biggest.write_bytes(biggest.read_bytes()[:biggest.stat().st_size // 2])
+  with pytest.raises(train.CheckpointError, match=r'^checkpoint 6 in \S+ does not restore: '):
+    train.evaluate_checkpoint(tiny_config(dataset, eval_checkpoint_step=6),
+                              str(tmp_path / 'resumed'))
+  again, _ = train.train(tiny_config(dataset), str(tmp_path / 'resumed'))
+  assert sorted(os.listdir(checkpoints)) == ['3', '6', '6.unreadable']
+  for k, v in _flat(again.params).items():
+    np.testing.assert_array_equal(v, a[k], err_msg=k)
 
 
 def test_init_from_pretrained_reinitialises_other_head(dataset, tmp_path):
@@ -332,10 +346,11 @@ def test_config_errors(dataset, tmp_path):
   proc = _main(cfg, '--workdir=gcs://bucket/run')  # a typo'd scheme is not a local folder
   assert proc.returncode != 0 and 'gcs://bucket/run: unsupported URL scheme' in proc.stderr
   assert not os.path.exists(os.path.join(REPO, 'gcs:'))
-  proc = _main(cfg, f'--workdir={tmp_path}', '--mode=eval',
+  proc = _main(cfg, f'--workdir={tmp_path / "absent"}', '--mode=eval',
                f'--config.data.dataset=tfrecord:{dataset}')
-  assert proc.returncode != 0 and 'no checkpoint in' in proc.stderr
-  assert not os.path.exists(tmp_path / 'checkpoints' / '0')
+  assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith(
+      'error: no checkpoint in'), proc.stderr[-2000:]
+  assert not os.path.exists(tmp_path / 'absent')  # eval creates nothing
 
   from dtf_jax import train  # pylint: disable=import-outside-toplevel
   for overrides, message in (

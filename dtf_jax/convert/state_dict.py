@@ -58,9 +58,37 @@ def read_state_dict(path: str, return_sha256: bool = False):
   path = storage.path(path)
   if not path.exists():
     raise FileNotFoundError(f'checkpoint file not found: {path}')
+  if path.is_dir():
+    raise CheckpointReadError(f'{path} is a directory, not a checkpoint file')
   data = path.read_bytes()
+  if not data:
+    raise CheckpointReadError(f'{path} is empty (0 bytes): not a PyTorch or safetensors '
+                              f'checkpoint')
   tensors = _parse_state_dict(path, data)
   return (tensors, hashlib.sha256(data).hexdigest()) if return_sha256 else tensors
+
+
+def _looks_like(data: bytes) -> str:
+  """``'pytorch'``, ``'safetensors'`` or ``''`` from the first bytes of a file."""
+  if data.startswith((b'PK\x03\x04', b'\x80')):  # torch.save: a zip archive, or (legacy) a pickle
+    return 'pytorch'
+  if len(data) > 8 and data[8:9] == b'{':  # 8-byte header length, then a JSON header
+    return 'safetensors'
+  return ''
+
+
+def _unreadable(path: epath.Path, data: bytes, kind: str, error: Exception):
+  """The :class:`CheckpointReadError` for a file that ``kind``'s reader refused."""
+  found = _looks_like(data)
+  if not found:
+    return CheckpointReadError(f'{path} is not a PyTorch or safetensors checkpoint ({len(data)} '
+                               f'bytes, starting {data[:16]!r})')
+  hint = f' (it looks like a {found} file)' if found != kind else ''
+  reason = str(error) or type(error).__name__
+  if kind == 'safetensors':
+    return CheckpointReadError(f'cannot read {path} as a .safetensors file{hint}: {reason}')
+  return CheckpointReadError(f'cannot read {path} as a weights-only PyTorch checkpoint (nothing '
+                             f'in it was run){hint}: {reason}')
 
 
 def _parse_state_dict(path: epath.Path, data: bytes) -> Dict[str, np.ndarray]:
@@ -68,8 +96,10 @@ def _parse_state_dict(path: epath.Path, data: bytes) -> Dict[str, np.ndarray]:
     import safetensors.numpy  # pylint: disable=import-outside-toplevel
     try:
       return unwrap_state_dict(safetensors.numpy.load(data))
+    except CheckpointReadError:
+      raise
     except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointReadError(f'cannot read {path} as a .safetensors file: {e}') from e
+      raise _unreadable(path, data, 'safetensors', e) from e
   try:
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError as e:
@@ -81,8 +111,7 @@ def _parse_state_dict(path: epath.Path, data: bytes) -> Dict[str, np.ndarray]:
     with torch.serialization.safe_globals([argparse.Namespace]):
       state = torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
   except Exception as e:  # pylint: disable=broad-except
-    raise CheckpointReadError(f'cannot read {path} as a weights-only PyTorch checkpoint (nothing '
-                              f'in it was run): {e}') from e
+    raise _unreadable(path, data, 'pytorch', e) from e
   if not isinstance(state, Mapping):
     raise CheckpointReadError(f'{path} holds a {type(state).__name__}, not a state dict')
   return unwrap_state_dict(state)

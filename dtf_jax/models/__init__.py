@@ -8,6 +8,7 @@ the architecture of a name (e.g. ``temporal``) may still be overridden for ablat
 
 import dataclasses
 import functools
+import numbers
 from typing import Any, Callable, Dict, List, Tuple
 
 import flax.linen as nn
@@ -15,6 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from dtf_jax.layers.dtf import DTFBlock
+from dtf_jax.layers.temporal import TEMPORAL_MODULES
 from dtf_jax.models.resnet import ResNet
 from dtf_jax.models.swin import SwinTransformer
 
@@ -80,8 +83,90 @@ def create_model(name: str, *, num_classes: int, clip_length: int, **kwargs: Any
   if unknown:
     raise ValueError(f'Unknown argument(s) {unknown} for model {name!r}; allowed: '
                      f'{sorted(set(allowed) - {"num_classes", "clip_length"})}.')
+  config = dict(defaults, num_classes=num_classes, clip_length=clip_length, **kwargs)
+  fields = {f.name: f.default for f in dataclasses.fields(cls)
+            if f.default is not dataclasses.MISSING and f.name not in ('parent', 'name')}
+  check_model_args(name, dict(fields, **config))
   for key in ('depths', 'num_heads', 'stage_sizes', 'dtf_stages'):
-    if key in kwargs:
-      kwargs[key] = tuple(kwargs[key])
-  config = dict(defaults, **kwargs)
-  return cls(num_classes=num_classes, clip_length=clip_length, **config)
+    if key in config:
+      config[key] = tuple(config[key])
+  return cls(**config)
+
+
+# Attributes that must be positive ints, and what they are.
+_POSITIVE_INTS = {
+    'num_classes': 'classifier outputs', 'clip_length': 'input frames T',
+    'early_stride': 'frames folded into one time step by the stem', 'width': 'stem channels',
+    'image_size': 'frame height = width in pixels', 'embed_dim': 'channels of stage 1',
+    'window_size': 'attention window in tokens', 'patch_size': 'tubelet height = width in pixels',
+}
+# Attributes that are one positive int per stage.
+_STAGE_COUNTS = {'stage_sizes': 'bottlenecks', 'depths': 'blocks', 'num_heads': 'attention heads'}
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+  return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_model_args(name: str, args: Dict[str, Any]) -> None:
+  """Raises ``ValueError`` naming the argument, its value and what is allowed unless ``args``
+  (every attribute of model ``name`` that is set) describe a model that can be built.
+
+  What depends on the input as well (a clip length that ``early_stride`` does not divide, a Swin
+  ``image_size`` that the patches or windows cannot tile) is checked by the model when it runs.
+  """
+  def fail(key, allowed):
+    raise ValueError(f'{name}: {key}={args[key]!r} is not allowed: {allowed}.')
+
+  for key, meaning in _POSITIVE_INTS.items():
+    if key in args and not (_is_int(args[key]) and args[key] > 0):
+      fail(key, f'must be a positive int ({meaning})')
+  for key in ('dropout_rate', 'drop_path_rate'):
+    if key in args and not (_is_real(args[key]) and 0 <= args[key] < 1):
+      fail(key, 'must be a rate in [0, 1)')
+  if 'mlp_ratio' in args and not (_is_real(args['mlp_ratio']) and args['mlp_ratio'] > 0):
+    fail('mlp_ratio', 'must be a positive number (MLP hidden size / channels)')
+  for key, meaning in _STAGE_COUNTS.items():
+    value = args.get(key, ())
+    if key in args and not (isinstance(value, (list, tuple)) and value
+                            and all(_is_int(v) and v > 0 for v in value)):
+      fail(key, f'must be a non-empty list of positive ints ({meaning} per stage)')
+  if args.get('temporal') not in TEMPORAL_MODULES:
+    fail('temporal', f'must be one of {sorted(TEMPORAL_MODULES)}')
+  if args['clip_length'] < args['early_stride']:
+    fail('clip_length', f'the stem folds early_stride={args["early_stride"]} frames into one '
+                        f'time step, so it needs at least {args["early_stride"]} frames')
+
+  if 'stage_sizes' in args:  # ResNet
+    stages = len(args['stage_sizes'])
+    dtf_stages = args['dtf_stages']
+    if not (isinstance(dtf_stages, (list, tuple))
+            and all(_is_int(s) and 1 <= s <= stages for s in dtf_stages)):
+      fail('dtf_stages', f'must be a list of stages in 1..{stages} (len(stage_sizes))')
+    channels = {s: args['width'] * 2 ** (s - 1) for s in dtf_stages}
+    channel_arg = 'width'
+  else:  # Swin
+    depths, heads = args['depths'], args['num_heads']
+    if len(depths) != len(heads):
+      fail('num_heads', f'must have one entry per stage, as depths={tuple(depths)!r} has')
+    for s, h in enumerate(heads):
+      dim = args['embed_dim'] * 2 ** s
+      if dim % h:
+        fail('embed_dim', f'stage {s + 1} has {dim} channels, which its {h} heads '
+                          f'(num_heads={tuple(heads)!r}) must divide')
+    channels = {s + 1: args['embed_dim'] * 2 ** s for s in range(len(depths))}
+    channel_arg = 'embed_dim'
+
+  steps, rem = divmod(args['clip_length'], args['early_stride'])
+  if args['temporal'] == 'dtf' and not rem:
+    bins, group = steps // 2 + 1, DTFBlock.group_factor
+    for stage, c in channels.items():
+      if (c * bins * 2) % group:
+        fail('clip_length', f'with early_stride={args["early_stride"]} it gives {steps} time '
+                            f'steps ({bins} frequency bins), and the DTF block of stage {stage} '
+                            f'({c} channels) needs channels * bins * 2 divisible by its group '
+                            f'factor {group}; change clip_length, early_stride or {channel_arg}')

@@ -19,21 +19,27 @@ import numpy as np
 import optax
 
 from dtf_jax.models import create_model, list_models, size_kwargs
+from dtf_jax.tools.model_info import int_at_least, usage_error
 
 
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+  positive = int_at_least(1)
   parser.add_argument('--model', required=True, choices=list_models())
   parser.add_argument('--compare', choices=list_models(), help='second model to time and compare.')
-  parser.add_argument('--clip-length', type=int, default=16, help='input frames T (default 16).')
-  parser.add_argument('--size', type=int, default=224, help='frame height = width (default 224).')
-  parser.add_argument('--batch', type=int, default=2, help='clips per call (default 2).')
-  parser.add_argument('--num-classes', type=int, default=400)
+  parser.add_argument('--clip-length', type=positive, default=16,
+                      help='input frames T (default 16).')
+  parser.add_argument('--size', type=positive, default=224,
+                      help='frame height = width (default 224).')
+  parser.add_argument('--batch', type=positive, default=2, help='clips per call (default 2).')
+  parser.add_argument('--num-classes', type=positive, default=400)
   parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32',
                       help='compute dtype (default float32).')
-  parser.add_argument('--warmup', type=int, default=2, help='untimed runs after compiling (2).')
-  parser.add_argument('--repeats', type=int, default=7, help='timed runs; the median is shown (7).')
+  parser.add_argument('--warmup', type=int_at_least(0), default=2,
+                      help='untimed runs after compiling (2).')
+  parser.add_argument('--repeats', type=positive, default=7,
+                      help='timed runs; the median is shown (7).')
   parser.add_argument('--no-backward', action='store_true', help='time the forward only.')
   return parser.parse_args(argv)
 
@@ -95,7 +101,11 @@ def main(argv=None):
   timers = []
   for name in names:
     print(f'compiling {name} ...', flush=True)
-    timer = ModelTimer(name, args)
+    try:
+      timer = ModelTimer(name, args)
+    except ValueError as e:  # the model cannot be built, or cannot take --clip-length / --size
+      flag = '--model' if name == args.model else '--compare'
+      usage_error(f'{flag} {name} --clip-length {args.clip_length} --size {args.size}: {e}')
     print('  compile time: ' + ', '.join(f'{w} {s:.1f} s' for w, s in timer.compile_s.items()),
           flush=True)
     timers.append(timer)

@@ -26,6 +26,7 @@ import time
 from dtf_jax import storage
 from dtf_jax.convert.imagenet import SOURCES, STEM_INITS
 from dtf_jax.models import list_models
+from dtf_jax.tools.model_info import int_at_least
 
 
 def parse_args(argv):
@@ -35,8 +36,10 @@ def parse_args(argv):
                       help='checkpoint kind: official DTF/C2D (default), torchvision ResNet, '
                            'ImageNet Swin (official or timm layout), or auto (from the keys).')
   parser.add_argument('--model', required=True, choices=list_models(), help='dtf_jax model name.')
-  parser.add_argument('--clip-length', type=int, required=True, help='input frames T.')
-  parser.add_argument('--num-classes', type=int, required=True, help='classifier outputs.')
+  parser.add_argument('--clip-length', type=int_at_least(1), required=True,
+                      help='input frames T.')
+  parser.add_argument('--num-classes', type=int_at_least(1), required=True,
+                      help='classifier outputs.')
   parser.add_argument('--input', required=True, help='.pth, .pt or .safetensors checkpoint.')
   parser.add_argument('--output', required=True, help='directory to write.')
   parser.add_argument('--stem-init', default='center', choices=STEM_INITS,
@@ -93,6 +96,13 @@ def main(argv=None):
     if len(class_names) != args.num_classes:
       sys.exit(f'--class-names {args.class_names}: {len(class_names)} names for '
                f'--num-classes {args.num_classes}')
+
+  try:
+    output = storage.path(args.output)
+  except ValueError as e:
+    sys.exit(f'--output: {e}')
+  if output.exists() and not output.is_dir():
+    sys.exit(f'--output {output}: is an existing file, not a directory')
 
   start = time.time()
   print(f'Reading {args.input}')

@@ -12,6 +12,8 @@ the chosen one first. Compile time and memory are for the jitted forward (``trai
 """
 
 import argparse
+import os
+import sys
 import time
 
 import flax
@@ -22,14 +24,36 @@ from dtf_jax import flops
 from dtf_jax.models import create_model, list_models, size_kwargs
 
 
+def int_at_least(minimum: int):
+  """argparse ``type``: an int >= ``minimum`` (anything else is a usage error naming the flag)."""
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f'expected an int >= {minimum}, got {text!r}') from None
+    if value < minimum:
+      raise argparse.ArgumentTypeError(f'must be >= {minimum}, got {value}')
+    return value
+  return parse
+
+
+def usage_error(message: str):
+  """Exits with ``message`` as one line on stderr and code 2 (bad usage), as argparse does."""
+  print(f'{os.path.basename(sys.argv[0])}: error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+  positive = int_at_least(1)
   parser.add_argument('--model', required=True, choices=list_models())
-  parser.add_argument('--clip-length', type=int, default=16, help='input frames T (default 16).')
-  parser.add_argument('--size', type=int, default=224, help='frame height = width (default 224).')
-  parser.add_argument('--num-classes', type=int, default=400, help='classifier outputs (400).')
-  parser.add_argument('--batch', type=int, default=1, help='batch for compile/memory (1).')
+  parser.add_argument('--clip-length', type=positive, default=16,
+                      help='input frames T (default 16).')
+  parser.add_argument('--size', type=positive, default=224,
+                      help='frame height = width (default 224).')
+  parser.add_argument('--num-classes', type=positive, default=400, help='classifier outputs (400).')
+  parser.add_argument('--batch', type=positive, default=1, help='batch for compile/memory (1).')
   parser.add_argument('--convention', choices=sorted(flops.CONVENTIONS), default='ours',
                       help='FLOP counting convention printed first (default ours).')
   parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32',
@@ -75,7 +99,11 @@ def main(argv=None):
   args = parse_args(argv)
   print(f'{args.model}: {args.clip_length} frames x {args.size}x{args.size}, '
         f'{args.num_classes} classes, {args.dtype}')
-  report = describe(args)
+  try:
+    report = describe(args)
+  except ValueError as e:  # the model cannot be built, or cannot take --clip-length / --size
+    usage_error(f'--model {args.model} --clip-length {args.clip_length} --size {args.size}: '
+                f'{e}')
   print(f'trainable parameters: {report["params"]:,}')
   if report['fixed_correlation_weights']:
     print(f'  + fixed weights_cor (counted as parameters by the official PyTorch models): '

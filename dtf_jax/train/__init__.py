@@ -13,8 +13,9 @@ donated. A restart resumes from the latest checkpoint and continues the same dat
 saves and exits cleanly.
 """
 
-from dtf_jax.train.checkpoints import checkpoint_manager, init_from, load_init_arrays, \
-    restore_checkpoint, save_checkpoint, write_config
+from dtf_jax.train.checkpoints import CheckpointError, checkpoint_manager, init_from, \
+    load_init_arrays, restore_checkpoint, restore_latest, restore_step, save_checkpoint, \
+    write_config
 from dtf_jax.train.config import Setup, build_model, log, model_kwargs, setup, train_data, \
     validate_config
 from dtf_jax.train.evaluate import evaluate, evaluate_checkpoint

@@ -47,6 +47,51 @@ def restore_checkpoint(manager, step: int, s: Setup) -> Tuple[TrainState, dict]:
   return restored.state, restored.progress
 
 
+class CheckpointError(RuntimeError):
+  """A checkpoint that cannot be restored (damaged files, or one that does not fit the config)."""
+
+
+def _reason(e: Exception) -> str:
+  return f'{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ""}'
+
+
+def restore_step(manager, step: int, s: Setup) -> Tuple[TrainState, dict]:
+  """:func:`restore_checkpoint` of ``step``, failing with one line (:class:`CheckpointError`)."""
+  try:
+    return restore_checkpoint(manager, step, s)
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(f'checkpoint {step} in {manager.directory} does not restore: '
+                          f'{_reason(e)}') from e
+
+
+def restore_latest(manager, s: Setup, set_aside: bool = False):
+  """The newest checkpoint that restores: ``(state, progress, step)``, or ``None`` when there is
+  none. A newer one that does not restore is skipped, with its reason logged, and with
+  ``set_aside`` renamed to ``STEP.unreadable`` (kept for inspection, out of the resumed run's
+  way). If no checkpoint restores, the newest one's error is raised: a config that fits none of
+  them must not start the run afresh."""
+  steps = sorted(manager.all_steps(), reverse=True)
+  errors = []
+  for step in steps:
+    try:
+      state, progress = restore_step(manager, step, s)
+    except CheckpointError as e:
+      errors.append(e)
+      continue
+    for skipped, error in zip(steps, errors):
+      log(f'skipped {error}')
+      if set_aside:
+        path = storage.path(manager.directory) / str(skipped)
+        path.rename(path.parent / f'{skipped}.unreadable')
+        log(f'  set aside as {path}.unreadable')
+    if errors and set_aside:
+      manager.reload()
+    return state, progress, step
+  if errors:
+    raise errors[0]
+  return None
+
+
 def load_init_arrays(path: str, s: Setup) -> Tuple[Dict[str, Any], set]:
   """Arrays to start from, flat (``'params/a/b'``), and those to keep at their fresh
   initialisation. ``path``: a checkpoint file (``.pth``/``.pt``/``.safetensors``: official DTF, or

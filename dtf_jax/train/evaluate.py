@@ -16,7 +16,8 @@ from dtf_jax import metrics as metrics_lib
 from dtf_jax import storage
 from dtf_jax.data import pipeline
 from dtf_jax.models.swin import SwinTransformer
-from dtf_jax.train.checkpoints import checkpoint_manager, restore_checkpoint
+from dtf_jax.pretrained import CHECKPOINT_DIR
+from dtf_jax.train.checkpoints import checkpoint_manager, restore_latest, restore_step
 from dtf_jax.train.config import Setup, check_classes, log, setup
 from dtf_jax.train.sharding import host_local
 from dtf_jax.train.state import TrainState
@@ -137,15 +138,21 @@ def _gather_videos(scores, indices, labels, ids, source):
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, float]:
   """``--mode=eval``: the latest (or ``eval_checkpoint_step``) checkpoint of ``workdir``."""
   workdir = storage.path(workdir)
+  if not (workdir / CHECKPOINT_DIR).is_dir():  # and create nothing
+    raise FileNotFoundError(f'no checkpoint in {workdir / CHECKPOINT_DIR}')
   s = setup(config, with_train_data=False)
   manager = checkpoint_manager(workdir, config.keep_checkpoints)
-  step = manager.latest_step() if config.eval_checkpoint_step < 0 else config.eval_checkpoint_step
-  if step is None:
-    raise FileNotFoundError(f'no checkpoint in {manager.directory}')
-  if step not in manager.all_steps():
-    raise FileNotFoundError(f'no checkpoint for step {step} in {manager.directory} '
-                            f'(steps: {list(manager.all_steps())})')
-  state, _ = restore_checkpoint(manager, step, s)
+  step = config.eval_checkpoint_step
+  if step < 0:
+    restored = restore_latest(manager, s)  # newer damaged ones skipped, with the reason
+    if restored is None:
+      raise FileNotFoundError(f'no checkpoint in {manager.directory}')
+    state, _, step = restored
+  else:
+    if step not in manager.all_steps():
+      raise FileNotFoundError(f'no checkpoint for step {step} in {manager.directory} '
+                              f'(steps: {list(manager.all_steps())})')
+    state, _ = restore_step(manager, step, s)
   writer = metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
   results = evaluate(s, state, step, workdir, writer)
   writer.flush()

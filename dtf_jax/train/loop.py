@@ -11,7 +11,7 @@ from clu import metric_writers, parameter_overview, periodic_actions
 from jax.experimental import multihost_utils
 
 from dtf_jax import storage
-from dtf_jax.train.checkpoints import checkpoint_manager, init_from, restore_checkpoint, \
+from dtf_jax.train.checkpoints import checkpoint_manager, init_from, restore_latest, \
     save_checkpoint, write_config
 from dtf_jax.train.config import log, setup, train_data
 from dtf_jax.train.evaluate import evaluate
@@ -61,9 +61,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, with_eval: bool = Fal
   writer = metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
   manager = checkpoint_manager(workdir, config.keep_checkpoints)
   progress = {'step': 0, 'data_index': 0}
-  latest = manager.latest_step()
-  if latest is not None:
-    state, progress = restore_checkpoint(manager, latest, s)
+  restored = restore_latest(manager, s, set_aside=jax.process_index() == 0)
+  if restored is not None:
+    state, progress, latest = restored
     log(f'resumed from {manager.directory}/{latest} (input position {progress["data_index"]})')
   else:
     state = s.init_state()
