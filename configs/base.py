@@ -78,6 +78,8 @@ def get_base_config(dataset: str = 'k400') -> ml_collections.ConfigDict:
   c.data.blur_prob = 0.5           # probability of a Gaussian blur
   c.data.blur_sigma = (0.1, 2.0)   # blur: sigma ~ U[lo, hi] in pixels
   c.data.shuffle_buffer = 1024     # records per host
+  c.data.skip_corrupt_records = False  # True: read damaged TFRecord files up to the damage and
+                                       # print what is skipped (False: stop, naming the files)
   c.data.eval_size = 256           # eval crop (short side resized to it)
   c.data.num_clips = d['num_clips']  # eval clips per video
   c.data.num_crops = d['num_crops']  # eval crops per clip: 3 (along the long side) or 1 (centre)

@@ -9,6 +9,8 @@ JPEG at quality 100 within about 1 (levels are read with tolerance 2.5 or rounde
 import json
 import math
 import os
+import shutil
+import struct
 
 import numpy as np
 import pytest
@@ -334,3 +336,36 @@ def test_benchmark_input_counts(records, capsys):
     parts = line.split()
     assert float(parts[1]) > 0 and float(parts[3]) == pytest.approx(float(parts[1]), rel=0.01)
     assert '(6 clips in' in line and '1 cores)' in line
+
+
+def test_damaged_tfrecord_is_named_or_skipped(records, tmp_path, capsys):
+  damaged = tmp_path / 'records'
+  shutil.copytree(records, damaged)
+  victim = damaged / 'validation-00001-of-00003.tfrecord'
+  whole = tf.data.TFRecordDataset(str(victim)).reduce(0, lambda n, _: n + 1).numpy()
+  assert whole >= 2
+  data = victim.read_bytes()
+  first = 12 + struct.unpack('<Q', data[:8])[0] + 4  # the first record, whole
+  second = first + 16 + struct.unpack('<Q', data[first:first + 8])[0]
+  victim.write_bytes(data[:first + 20])                # the second, cut
+  assert pipeline.scan_tfrecord(str(victim)) == (
+      1, f'record 1 needs bytes {first}..{second}, the file has {first + 20}')
+  assert pipeline.scan_tfrecord(os.path.join(records, 'validation-00001-of-00003.tfrecord')) == \
+      (whole, None)
+
+  def views(skip):
+    source = pipeline.make_source(f'tfrecord:{damaged}', 'validation', process_count=1,
+                                  skip_corrupt_records=skip)
+    data = pipeline.eval_dataset(source, batch_size=4, clip_length=4, stride=2, size=32,
+                                 num_clips=1, num_crops=1, process_index=0)
+    batches = list(pipeline.guarded(source, data.dataset.as_numpy_iterator()))
+    return source, sorted({int(v) for b in batches for v, m in zip(b['video_index'], b['mask'])
+                           if m})
+  with pytest.raises(ValueError, match=r'validation-00001-of-00003.tfrecord: record 1 needs '
+                                       r'.*skip_corrupt_records=True'):
+    views(skip=False)
+  source, seen = views(skip=True)
+  assert seen == list(range(len(VIDEOS) - (whole - 1))) and source.num_videos == len(seen)
+  out = capsys.readouterr().out
+  assert f'reading its first 1 of {whole} videos' in out
+  assert f'skip_corrupt_records: {whole - 1} of {len(VIDEOS)} validation videos skipped' in out

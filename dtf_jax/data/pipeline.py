@@ -26,7 +26,8 @@ reads records but decodes none.
 
 import dataclasses
 import math
-from typing import Callable, Optional, Sequence, Tuple
+import struct
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from dtf_jax import storage
 from dtf_jax.data import ops
@@ -66,6 +67,7 @@ class VideoSource:
   is_jpeg: bool
   host_sizes: Tuple[int, ...]
   read: Callable[[int, Optional[tf.Tensor]], tf.data.Dataset]
+  files: Tuple[str, ...] = ()  # TFRecord sources: the files, sorted
 
   @property
   def num_classes(self) -> int:
@@ -76,7 +78,67 @@ class VideoSource:
     return sum(self.host_sizes)
 
 
-def _tfrecord_source(data_dir: str, split: str, process_count: int) -> VideoSource:
+# What reading a damaged TFRecord file raises.
+DataLossError = tf.errors.DataLossError
+
+
+def scan_tfrecord(path: str) -> Tuple[int, Optional[str]]:
+  """Walks the record headers of a TFRecord file without reading the records: ``(records, None)``
+  when it is whole, else ``(records before the damage, what is wrong)``. Finds cut files and
+  impossible lengths; a changed byte inside a record shows only when TensorFlow checks its CRC."""
+  location = storage.path(path)
+  size = location.stat().length
+  count = offset = 0
+  with location.open('rb') as f:
+    while offset < size:
+      if offset + 12 > size:
+        return count, f'cut inside the header of record {count} (byte {offset} of {size})'
+      f.seek(offset)
+      (length,) = struct.unpack('<Q', f.read(8))
+      end = offset + 12 + length + 4
+      if end > size:
+        return count, f'record {count} needs bytes {offset}..{end}, the file has {size}'
+      offset, count = end, count + 1
+  return count, None
+
+
+def damaged_files(source: VideoSource) -> List[Tuple[str, str]]:
+  """``(file, what is wrong)`` of the source's damaged TFRecord files (see :func:`scan_tfrecord`)."""
+  found = []
+  for path in source.files:
+    _, problem = scan_tfrecord(path)
+    if problem:
+      found.append((path, problem))
+  return found
+
+
+def damage_error(source: VideoSource, error: Exception) -> ValueError:
+  """The ``ValueError`` to raise for a ``DataLossError`` met while reading ``source``."""
+  found = damaged_files(source)
+  where = ('; '.join(f'{path}: {problem}' for path, problem in found) if found else
+           'no file is cut short, so a record inside one is corrupt (its CRC fails)')
+  first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+  return ValueError(f'{source.name} [{source.split}] has damaged TFRecords: {where}. Re-convert '
+                    f'or remove them, or set config.data.skip_corrupt_records=True to skip what '
+                    f'cannot be read. (TensorFlow: {first[:200]})')
+
+
+def guarded(source: VideoSource, iterable):
+  """The elements of ``iterable`` (batches of ``source``); a ``DataLossError`` becomes the
+  ``ValueError`` of :func:`damage_error`, naming the damaged files."""
+  iterator = iter(iterable)
+  while True:
+    try:
+      item = next(iterator)
+    except StopIteration:
+      return
+    except DataLossError as e:
+      raise damage_error(source, e) from None
+    yield item
+
+
+def _tfrecord_source(data_dir: str, split: str, process_count: int,
+                     skip_corrupt_records: bool = False) -> VideoSource:
   directory = storage.path(data_dir)
   files = sorted(str(f) for f in directory.glob(f'{split}-*-of-*.tfrecord'))
   if not files:
@@ -102,6 +164,16 @@ def _tfrecord_source(data_dir: str, split: str, process_count: int) -> VideoSour
   else:  # Counting reads every record once (no decoding).
     print(f'{manifest_path} is missing: counting the records of {len(files)} files')
     counts = [int(tf.data.TFRecordDataset(f).reduce(0, lambda n, _: n + 1)) for f in files]
+  if skip_corrupt_records:  # read each file up to its damage; count what is lost
+    lost = 0
+    for i, path in enumerate(files):
+      readable, problem = scan_tfrecord(path)
+      if problem:
+        print(f'skip_corrupt_records: {path}: {problem}; reading its first {readable} of '
+              f'{counts[i]} videos')
+        lost += counts[i] - readable
+        counts[i] = readable
+    print(f'skip_corrupt_records: {lost} of {sum(counts) + lost} {split} videos skipped')
   offsets = [sum(counts[:i]) for i in range(len(files))]
   host_sizes = tuple(sum(counts[p::process_count]) for p in range(process_count))
 
@@ -113,13 +185,17 @@ def _tfrecord_source(data_dir: str, split: str, process_count: int) -> VideoSour
       host = host.shuffle(len(files), seed=_int_seed(epoch_seed))
 
     def file_records(path, offset):
-      return tf.data.TFRecordDataset(path, buffer_size=8 << 20).enumerate().map(
+      records = tf.data.TFRecordDataset(path, buffer_size=8 << 20)
+      if skip_corrupt_records:
+        records = records.ignore_errors()  # ends the file at its damage
+      return records.enumerate().map(
           lambda j, serialized: dict(ops.parse_sequence_example(serialized),
                                      video_index=offset + j))
     return host.interleave(file_records, cycle_length=min(len(files), 16), block_length=1,
                            num_parallel_calls=AUTOTUNE, deterministic=True)
 
-  return VideoSource(f'tfrecord:{data_dir}', split, class_names, True, host_sizes, read)
+  return VideoSource(f'tfrecord:{data_dir}', split, class_names, True, host_sizes, read,
+                     tuple(files))
 
 
 def _tfds_source(name: str, split: str, data_dir: Optional[str], process_count: int) -> VideoSource:
@@ -159,12 +235,17 @@ def _tfds_source(name: str, split: str, data_dir: Optional[str], process_count: 
 
 
 def make_source(dataset: str, split: str, data_dir: Optional[str] = None,
-                process_count: Optional[int] = None) -> VideoSource:
-  """``'tfrecord:DIR'`` or ``'tfds:NAME'`` (prepared in ``data_dir``) -> ``VideoSource``."""
+                process_count: Optional[int] = None,
+                skip_corrupt_records: bool = False) -> VideoSource:
+  """``'tfrecord:DIR'`` or ``'tfds:NAME'`` (prepared in ``data_dir``) -> ``VideoSource``.
+
+  TFRecords: a damaged file raises ``DataLossError`` when read (:func:`damage_error` names it);
+  with ``skip_corrupt_records`` every file is checked first and read up to its damage, and what
+  is skipped is printed."""
   _, process_count = _processes(0, process_count)
   kind, _, location = dataset.partition(':')
   if kind == 'tfrecord' and location:
-    return _tfrecord_source(location, split, process_count)
+    return _tfrecord_source(location, split, process_count, skip_corrupt_records)
   if kind == 'tfds' and location:
     return _tfds_source(location, split, data_dir, process_count)
   raise ValueError(f"dataset must be 'tfrecord:DIR' or 'tfds:NAME', got {dataset!r}")

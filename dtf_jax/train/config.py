@@ -145,7 +145,8 @@ def setup(config: ml_collections.ConfigDict, with_train_data: bool = True) -> Se
   steps_per_epoch = 1
   if with_train_data:
     train_source = pipeline.make_source(config.data.dataset, config.data.train_split,
-                                        config.data.data_dir or None, jax.process_count())
+                                        config.data.data_dir or None, jax.process_count(),
+                                        config.data.skip_corrupt_records)
     check_classes(config, train_source)
     steps_per_epoch = max(train_source.num_videos // config.batch_size, 1)
   total_steps = config.total_steps or int(config.num_epochs * steps_per_epoch)

@@ -44,7 +44,8 @@ def evaluate(s: Setup, state: TrainState, step: int, workdir: str,
   mean class accuracy, or only the video count of an unlabelled split."""
   config = s.config
   source = pipeline.make_source(config.data.dataset, config.data.eval_split,
-                                config.data.data_dir or None, jax.process_count())
+                                config.data.data_dir or None, jax.process_count(),
+                                config.data.skip_corrupt_records)
   check_classes(config, source)
   if config.eval_batch_size % jax.device_count():
     raise ValueError(f'config.eval_batch_size={config.eval_batch_size} is not divisible by the '
@@ -58,7 +59,7 @@ def evaluate(s: Setup, state: TrainState, step: int, workdir: str,
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   scores, indices, labels, ids = [], [], [], {}
   start = time.time()
-  for i, batch in enumerate(data.dataset.as_numpy_iterator()):
+  for i, batch in enumerate(pipeline.guarded(source, data.dataset.as_numpy_iterator())):
     video = jax.make_array_from_process_local_data(s.batch_sharding, batch['video'])
     local = host_local(predict(variables, video), s.mesh)
     keep = batch['mask']

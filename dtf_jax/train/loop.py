@@ -11,6 +11,7 @@ from clu import metric_writers, parameter_overview, periodic_actions
 from jax.experimental import multihost_utils
 
 from dtf_jax import storage
+from dtf_jax.data import pipeline
 from dtf_jax.train.checkpoints import checkpoint_manager, init_from, restore_latest, \
     save_checkpoint, write_config
 from dtf_jax.train.config import log, setup, train_data
@@ -80,7 +81,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, with_eval: bool = Fal
   per_host = config.batch_size // jax.process_count()
   step = int(progress['step'])
   data_index = int(progress['data_index'])
-  batches = iter(train_data(config, s, data_index))
+  batches = pipeline.guarded(s.train_source, train_data(config, s, data_index))
   report = periodic_actions.ReportProgress(num_train_steps=s.total_steps, writer=writer)
   eval_results = None
   window, window_start = [], time.time()  # metrics of the steps since the last log
