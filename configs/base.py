@@ -112,7 +112,9 @@ def get_base_config(dataset: str = 'k400') -> ml_collections.ConfigDict:
 
   c.log_every_steps = 50           # train metrics (loss, accuracy, lr, grad norm, clips/s)
   c.checkpoint_every_steps = 1000  # and at the end, and on SIGTERM
-  c.keep_checkpoints = 3           # last k (plus the best by eval top-1 under best/)
+  c.preemption_check_steps = 10    # several hosts: steps between their checks for a SIGTERM
+                                   # (a host sync; one host alone checks every step)
+  c.keep_checkpoints = 3           # the last k, plus the one of the best eval top-1 (if any)
   c.eval_every_steps = 0           # train_and_eval: evaluate every N steps (0 = at the end only)
   c.eval_batch_size = 32           # global views per eval batch (chunks of the multi-view set)
   c.eval_checkpoint_step = -1      # --mode=eval: checkpoint step (-1 = latest)

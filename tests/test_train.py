@@ -133,6 +133,14 @@ def test_metrics_against_direct_computation(tmp_path):
     metrics.split_metrics(video_scores, np.where(np.arange(num_videos) == 4, 7, labels))
 
 
+def test_video_ids_are_cut_on_a_character():
+  from dtf_jax.train.evaluate import _utf8_prefix  # pylint: disable=import-outside-toplevel
+  video_id = 'a' * 255 + 'é' + 'b'       # 'é' is bytes 256-257 of 258
+  assert _utf8_prefix(video_id, 256) == b'a' * 255
+  assert _utf8_prefix(video_id, 258) == video_id.encode()
+  assert _utf8_prefix('日本', 256).decode() == '日本'
+
+
 # ---------------------------------------------------------------------------------------------
 # Resume, eval, init_from (in this process, one device).
 

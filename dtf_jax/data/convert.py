@@ -68,6 +68,7 @@ import uuid
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from dtf_jax import storage
+from dtf_jax.data.video import FOLDER_FPS
 
 # Records: one tf.train.SequenceExample per video. key -> (part, type, meaning).
 SCHEMA = {
@@ -123,7 +124,7 @@ class EncodeOptions:
   fps: Optional[float] = None
   jpeg_quality: int = 90
   min_frames: int = 1
-  folder_fps: float = 12.0
+  folder_fps: float = FOLDER_FPS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -803,7 +804,7 @@ def parse_args(argv):
   p.add_argument('--split', action='append', type=_split_arg, required=True, metavar='NAME=CSV',
                  help='split name and its id;label CSV (repeatable).')
   p.add_argument('--videos', required=True, help='folder holding one frame folder {id}/ per video.')
-  p.add_argument('--folder-fps', type=float, default=12.0,
+  p.add_argument('--folder-fps', type=float, default=FOLDER_FPS,
                  help='frame rate of the frame folders (default 12).')
   p = sub.add_parser('list', parents=[common], formatter_class=fmt, epilog=exits,
                      help='generic "relative/path label_index" lists.')
@@ -811,7 +812,7 @@ def parse_args(argv):
                  help='split name and its list file (repeatable).')
   p.add_argument('--root', required=True, help='folder the listed paths are relative to.')
   p.add_argument('--class-names', default=None, help='class names, one per line (index = line).')
-  p.add_argument('--folder-fps', type=float, default=12.0,
+  p.add_argument('--folder-fps', type=float, default=FOLDER_FPS,
                  help='frame rate of listed frame folders (default 12).')
   args = parser.parse_args(argv)
   for flag, ok, rule in (
@@ -933,7 +934,8 @@ def _convert(args, classes, splits) -> int:
         + ', '.join(f'{s}: {len(v)} videos' for s, v in splits.items()))
   write_label_map(args.output, classes, args.overwrite)
   opts = EncodeOptions(short_side=args.short_side, fps=args.fps, jpeg_quality=args.jpeg_quality,
-                       min_frames=args.min_frames, folder_fps=getattr(args, 'folder_fps', 12.0))
+                       min_frames=args.min_frames,
+                       folder_fps=getattr(args, 'folder_fps', FOLDER_FPS))
   complete, empty = True, []
   for split, items in splits.items():
     num_shards = args.num_shards or max(1, math.ceil(len(items) / args.videos_per_shard))

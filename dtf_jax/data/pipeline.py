@@ -103,7 +103,7 @@ def scan_tfrecord(path: str) -> Tuple[int, Optional[str]]:
 
 
 def damaged_files(source: VideoSource) -> List[Tuple[str, str]]:
-  """``(file, what is wrong)`` of the source's damaged TFRecord files (see :func:`scan_tfrecord`)."""
+  """``(file, problem)`` of the damaged TFRecord files of ``source`` (:func:`scan_tfrecord`)."""
   found = []
   for path in source.files:
     _, problem = scan_tfrecord(path)

@@ -32,6 +32,7 @@ REASONS = ('missing', 'empty_file', 'unreadable', 'no_video_stream', 'decode_err
 # A container declaring F frames that decodes to fewer than this fraction of F is truncated.
 TRUNCATED_FRACTION = 0.9
 FRAME_EXTENSIONS = ('.jpg', '.jpeg', '.png')
+FOLDER_FPS = 12.0  # frame rate of a folder of frames (Something-Something V1's)
 
 
 class VideoDecodeError(Exception):
@@ -175,7 +176,7 @@ def _short(e: Exception) -> str:
 
 
 def iter_frames(path: str, short_side: Optional[int] = 320, fps: Optional[float] = None,
-                threads: int = 0, folder_fps: float = 12.0,
+                threads: int = 0, folder_fps: float = FOLDER_FPS,
                 info: Optional[dict] = None) -> Iterator[np.ndarray]:
   """Yields the frames of a video file, or of a folder of image frames, as ``uint8 H W 3`` RGB.
 
@@ -197,7 +198,8 @@ def iter_frames(path: str, short_side: Optional[int] = 320, fps: Optional[float]
 
 
 def decode_video(path: str, short_side: Optional[int] = 320, fps: Optional[float] = None,
-                 threads: int = 0, folder_fps: float = 12.0) -> Tuple[np.ndarray, float]:
+                 threads: int = 0,
+                 folder_fps: float = FOLDER_FPS) -> Tuple[np.ndarray, float]:
   """Decodes a whole video: ``(frames uint8 N H W 3, fps)``. See ``iter_frames``."""
   info = {}
   frames: Sequence[np.ndarray] = list(iter_frames(path, short_side, fps, threads, folder_fps, info))

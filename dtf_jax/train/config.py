@@ -26,7 +26,8 @@ def log(message: str) -> None:
 POSITIVE_INTS = ('batch_size', 'grad_accum_steps', 'mesh.fsdp', 'eval_batch_size',
                  'data.clip_length', 'data.stride', 'data.size', 'data.eval_size',
                  'data.num_clips', 'data.num_classes', 'data.shuffle_buffer', 'lr.base_batch',
-                 'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints')
+                 'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
+                 'preemption_check_steps')
 
 
 NON_NEGATIVE = ('num_epochs', 'total_steps', 'eval_every_steps', 'lr.base', 'lr.warmup_epochs',

@@ -100,7 +100,12 @@ def evaluate(s: Setup, state: TrainState, step: int, workdir: str,
   return results
 
 
-ID_BYTES = 256
+ID_BYTES = 256  # video ids are gathered from the hosts as fixed-size UTF-8 (longer ones cut)
+
+
+def _utf8_prefix(text: str, size: int) -> bytes:
+  """The longest UTF-8 prefix of ``text`` of at most ``size`` bytes that ends on a character."""
+  return text.encode()[:size].decode(errors='ignore').encode()
 
 
 def _gather_videos(scores, indices, labels, ids, source):
@@ -114,7 +119,7 @@ def _gather_videos(scores, indices, labels, ids, source):
   video_labels[rows] = labels
   id_bytes = np.zeros((len(local_index), ID_BYTES), np.uint8)
   for i, v in enumerate(local_index):
-    raw = ids[v].encode()[:ID_BYTES]
+    raw = _utf8_prefix(ids[v], ID_BYTES)
     id_bytes[i, :len(raw)] = np.frombuffer(raw, np.uint8)
   if jax.process_count() > 1:  # Pad to the largest host, gather, drop the padding.
     size = max(source.host_sizes)

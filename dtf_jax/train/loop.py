@@ -97,41 +97,45 @@ def train(config: ml_collections.ConfigDict, workdir: str, with_eval: bool = Fal
     return m
 
   end = s.total_steps if stop_after is None else min(s.total_steps, step + stop_after)
-  with _Preemption() as preemption:
-    while step < end:
-      state, m = train_step(state, to_global(next(batches), s.batch_sharding))
-      step += 1
-      data_index += per_host
-      if pending is not None:
-        window.append(check_finite(*pending))
-      pending = (step, m)
-      report(step)
-      last = step == end
-      log_now = step % config.log_every_steps == 0 or last
-      eval_now = with_eval and (step == s.total_steps or (
-          config.eval_every_steps > 0 and step % config.eval_every_steps == 0))
-      preempted = preemption.reached(manager, step, config.log_every_steps) and not last
-      save_now = eval_now or preempted or last or step % config.checkpoint_every_steps == 0
-      if log_now or save_now:
-        window.append(check_finite(*pending))
-        pending = None
-      if log_now:
-        summary = {f'train/{k}': float(np.mean([float(w[k]) for w in window])) for k in window[0]}
-        summary['train/clips_per_second'] = (len(window) * config.batch_size /
-                                             (time.time() - window_start))
-        writer.write_scalars(step, summary)
-        window, window_start = [], time.time()
-      paused = time.time()
-      if eval_now:
-        eval_results = evaluate(s, state, step, workdir, writer)
-      if save_now:
-        save_checkpoint(manager, state, {'step': step, 'data_index': data_index},
-                        {'top1': eval_results['top1']}
-                        if eval_now and eval_results['labelled'] else None)
-      window_start += time.time() - paused  # clips/s counts training time only
-      if preempted:
-        log(f'SIGTERM: saved step {step} in {manager.directory}; exiting')
-        break
-  writer.flush()
-  manager.close()
+  try:
+    with _Preemption() as preemption:
+      while step < end:
+        state, m = train_step(state, to_global(next(batches), s.batch_sharding))
+        step += 1
+        data_index += per_host
+        if pending is not None:
+          window.append(check_finite(*pending))
+        pending = (step, m)
+        report(step)
+        last = step == end
+        log_now = step % config.log_every_steps == 0 or last
+        eval_now = with_eval and (step == s.total_steps or (
+            config.eval_every_steps > 0 and step % config.eval_every_steps == 0))
+        preempted = preemption.reached(manager, step, config.preemption_check_steps)
+        preempted = preempted and not last
+        save_now = eval_now or preempted or last or step % config.checkpoint_every_steps == 0
+        if log_now or save_now:
+          window.append(check_finite(*pending))
+          pending = None
+        if log_now:
+          summary = {f'train/{k}': float(np.mean([float(w[k]) for w in window])) for k in window[0]}
+          summary['train/clips_per_second'] = (len(window) * config.batch_size /
+                                               (time.time() - window_start))
+          writer.write_scalars(step, summary)
+          window, window_start = [], time.time()
+        paused = time.time()
+        if eval_now:
+          eval_results = evaluate(s, state, step, workdir, writer)
+        if save_now:
+          save_checkpoint(manager, state, {'step': step, 'data_index': data_index},
+                          {'top1': eval_results['top1']}
+                          if eval_now and eval_results['labelled'] else None)
+        window_start += time.time() - paused  # clips/s counts training time only
+        if preempted:
+          log(f'SIGTERM: saved step {step} in {manager.directory}; exiting')
+          break
+  finally:  # also when a non-finite loss or an error stops the run
+    writer.flush()
+    writer.close()
+    manager.close()
   return state, eval_results
