@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from dtf_jax import convert, storage
-from dtf_jax.pretrained import CHECKPOINT_DIR, CONFIG_FILE, load_pretrained
+from dtf_jax.pretrained import CHECKPOINT_DIR, CONFIG_FILE, STATE_ITEM, load_pretrained
 from dtf_jax.train.config import Setup, log
 from dtf_jax.train.state import TrainState
 
@@ -47,6 +47,21 @@ def restore_checkpoint(manager, step: int, s: Setup) -> Tuple[TrainState, dict]:
   return restored.state, restored.progress
 
 
+def restore_variables(manager, step: int, s: Setup) -> Tuple[Dict[str, Any], dict]:
+  """``({'params', 'batch_stats'}, {})`` of ``step`` on this run's shardings, for eval: the
+  optimizer state is not read."""
+  target = {k: jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                            getattr(s.abstract_state, k), getattr(s.state_sharding, k))
+            for k in ('params', 'batch_stats')}
+  restore_args = jax.tree.map(
+      lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype),
+      target)
+  path = storage.path(manager.directory) / str(step) / STATE_ITEM
+  variables = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+      item=target, restore_args=restore_args, partial_restore=True))
+  return variables, {}
+
+
 class CheckpointError(RuntimeError):
   """A checkpoint that cannot be restored (damaged files, or one that does not fit the config)."""
 
@@ -55,16 +70,17 @@ def _reason(e: Exception) -> str:
   return f'{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ""}'
 
 
-def restore_step(manager, step: int, s: Setup) -> Tuple[TrainState, dict]:
-  """:func:`restore_checkpoint` of ``step``, failing with one line (:class:`CheckpointError`)."""
+def restore_step(manager, step: int, s: Setup, restore=restore_checkpoint):
+  """``restore(manager, step, s)`` (:func:`restore_checkpoint` or :func:`restore_variables`),
+  failing with one line (:class:`CheckpointError`)."""
   try:
-    return restore_checkpoint(manager, step, s)
+    return restore(manager, step, s)
   except Exception as e:  # pylint: disable=broad-except
     raise CheckpointError(f'checkpoint {step} in {manager.directory} does not restore: '
                           f'{_reason(e)}') from e
 
 
-def restore_latest(manager, s: Setup, set_aside: bool = False):
+def restore_latest(manager, s: Setup, set_aside: bool = False, restore=restore_checkpoint):
   """The newest checkpoint that restores: ``(state, progress, step)``, or ``None`` when there is
   none. A newer one that does not restore is skipped, with its reason logged, and with
   ``set_aside`` renamed to ``STEP.unreadable`` (kept for inspection, out of the resumed run's
@@ -74,7 +90,7 @@ def restore_latest(manager, s: Setup, set_aside: bool = False):
   errors = []
   for step in steps:
     try:
-      state, progress = restore_step(manager, step, s)
+      state, progress = restore_step(manager, step, s, restore)
     except CheckpointError as e:
       errors.append(e)
       continue

@@ -3,7 +3,7 @@ metrics and report files (``dtf_jax.metrics``)."""
 
 import functools
 import time
-from typing import Dict
+from typing import Any, Dict
 
 import jax
 import jax.numpy as jnp
@@ -17,10 +17,10 @@ from dtf_jax import storage
 from dtf_jax.data import pipeline
 from dtf_jax.models.swin import SwinTransformer
 from dtf_jax.pretrained import CHECKPOINT_DIR
-from dtf_jax.train.checkpoints import checkpoint_manager, restore_latest, restore_step
+from dtf_jax.train.checkpoints import checkpoint_manager, restore_latest, restore_step, \
+    restore_variables
 from dtf_jax.train.config import Setup, check_classes, log, setup
 from dtf_jax.train.sharding import host_local
-from dtf_jax.train.state import TrainState
 
 
 def _predict_fn(s: Setup):
@@ -37,9 +37,10 @@ def _predict_fn(s: Setup):
   return s.predict_fn
 
 
-def evaluate(s: Setup, state: TrainState, step: int, workdir: str,
+def evaluate(s: Setup, variables: Dict[str, Any], step: int, workdir: str,
              writer=None) -> Dict[str, float]:
-  """Multi-view evaluation of ``state`` on ``data.eval_split``; writes the report files under
+  """Multi-view evaluation of ``variables`` (``{'params', 'batch_stats'}``) on
+  ``data.eval_split``; writes the report files under
   ``workdir/eval_step{step}`` (process 0) and returns ``metrics.split_metrics``: top-1, top-5 and
   mean class accuracy, or only the video count of an unlabelled split."""
   config = s.config
@@ -56,7 +57,6 @@ def evaluate(s: Setup, state: TrainState, step: int, workdir: str,
       size=config.data.eval_size, num_clips=config.data.num_clips,
       num_crops=config.data.num_crops, process_index=jax.process_index())
   predict = _predict_fn(s)
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
   scores, indices, labels, ids = [], [], [], {}
   start = time.time()
   for i, batch in enumerate(pipeline.guarded(source, data.dataset.as_numpy_iterator())):
@@ -150,17 +150,18 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> Dict
   manager = checkpoint_manager(workdir, config.keep_checkpoints)
   step = config.eval_checkpoint_step
   if step < 0:
-    restored = restore_latest(manager, s)  # newer damaged ones skipped, with the reason
+    # Newer damaged ones are skipped, with the reason; the optimizer state is not read.
+    restored = restore_latest(manager, s, restore=restore_variables)
     if restored is None:
       raise FileNotFoundError(f'no checkpoint in {manager.directory}')
-    state, _, step = restored
+    variables, _, step = restored
   else:
     if step not in manager.all_steps():
       raise FileNotFoundError(f'no checkpoint for step {step} in {manager.directory} '
                               f'(steps: {list(manager.all_steps())})')
-    state, _ = restore_step(manager, step, s)
+    variables, _ = restore_step(manager, step, s, restore_variables)
   writer = metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
-  results = evaluate(s, state, step, workdir, writer)
+  results = evaluate(s, variables, step, workdir, writer)
   writer.flush()
   manager.close()
   return results

@@ -125,7 +125,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, with_eval: bool = Fal
           window, window_start = [], time.time()
         paused = time.time()
         if eval_now:
-          eval_results = evaluate(s, state, step, workdir, writer)
+          eval_results = evaluate(s, {'params': state.params, 'batch_stats': state.batch_stats},
+                                    step, workdir, writer)
         if save_now:
           save_checkpoint(manager, state, {'step': step, 'data_index': data_index},
                           {'top1': eval_results['top1']}
