@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip('tensorflow')
 
 from dtf_jax.data import ops, pipeline  # noqa: E402
-from dtf_jax.data import tf  # noqa: E402
+import tensorflow as tf  # noqa: E402
 # The pattern-video records and helpers of the pipeline tests (the fixture is module-scoped).
 from test_data_pipeline import MEAN, STD, _pixels, _train, records  # noqa: E402,F401
 

@@ -19,7 +19,7 @@ av = pytest.importorskip('av')
 pytest.importorskip('tensorflow')
 
 from dtf_jax.data import convert, video  # noqa: E402
-from dtf_jax.data import tf  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLES = ('bigbuckbunny.mp4', 'bikes.mp4', 'carphone_pristine.mp4')

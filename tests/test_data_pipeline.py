@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip('tensorflow')
 
 from dtf_jax.data import convert, ops, pipeline  # noqa: E402
-from dtf_jax.data import tf  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 NUM_CLASSES = 170
 # name -> (frames, height, width, label)

@@ -15,7 +15,7 @@ av = pytest.importorskip('av')
 pytest.importorskip('tensorflow')
 
 from dtf_jax.data import synthetic  # noqa: E402
-from dtf_jax.data import tf  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 FRAMES, SIZE = 16, 64
 NUM_TRAIN, NUM_VAL = 20, 8  # 20: classes 2-3 clips each (balance within one)
@@ -234,3 +234,14 @@ def test_cli_help():
   assert e.value.code == 0
   with pytest.raises(SystemExit):
     synthetic.parse_args(['--output', 'x', '--size', '63'])
+
+
+def test_data_code_leaves_the_devices_alone(tmp_path, monkeypatch):
+  # Converting in this process (workers=1, as the fixture does) must not hide the GPUs from JAX
+  # in this process; only the converter's own command line and worker processes do.
+  monkeypatch.delenv('CUDA_VISIBLE_DEVICES', raising=False)
+  synthetic.generate(str(tmp_path / 'tiny'), num_train=2, num_val=2, frames=4, size=32,
+                     workers=1, progress_interval=60.0)
+  assert 'CUDA_VISIBLE_DEVICES' not in os.environ
+  import jax  # pylint: disable=import-outside-toplevel
+  assert jax.devices() and jax.devices()[0].platform == jax.default_backend()

@@ -11,7 +11,7 @@ av = pytest.importorskip('av')
 tfds = pytest.importorskip('tensorflow_datasets')
 
 from dtf_jax.data import synthetic  # noqa: E402  (hides GPUs from TF before TF is used)
-from dtf_jax.data import tf  # noqa: E402
+import tensorflow as tf  # noqa: E402
 from dtf_jax.data import tfds_synthetic  # noqa: E402  (registers 'dtf_synthetic')
 
 FRAMES, SIZE = 16, 64

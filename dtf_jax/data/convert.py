@@ -305,8 +305,8 @@ def read_list(split_lists: Dict[str, str], root: str, class_names_path: Optional
 
 
 def _tf():
-  os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')  # only the converter's own processes get here
-  from dtf_jax.data import tf  # pylint: disable=import-outside-toplevel
+  """TensorFlow, imported when first needed (``--help`` and argument errors stay fast)."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
   return tf
 
 
@@ -396,6 +396,7 @@ _QUEUE = None
 def _init_worker(queue, single_threaded: bool):
   # Ctrl-C is the parent's to handle: it cancels the shards and terminates the workers.
   signal.signal(signal.SIGINT, signal.SIG_IGN)
+  os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')  # a converter process: it never runs JAX
   global _QUEUE  # pylint: disable=global-statement
   _QUEUE = queue
   tf = _tf()

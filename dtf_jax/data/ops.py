@@ -28,7 +28,7 @@ import functools
 import math
 from typing import Dict, Optional, Sequence, Tuple
 
-from dtf_jax.data import tf
+import tensorflow as tf
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -29,9 +29,10 @@ import math
 import struct
 from typing import Callable, List, Optional, Sequence, Tuple
 
+import tensorflow as tf
+
 from dtf_jax import storage
 from dtf_jax.data import ops
-from dtf_jax.data import tf
 
 AUTOTUNE = tf.data.AUTOTUNE
 TRAIN_CROPS = ('scale_jitter', 'random_resized_crop')

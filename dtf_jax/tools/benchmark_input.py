@@ -17,8 +17,9 @@ import os
 import sys
 import time
 
+import tensorflow as tf
+
 from dtf_jax.data import pipeline
-from dtf_jax.data import tf
 
 
 def parse_args(argv=None):

@@ -11,7 +11,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dtf_jax import convert, multihost, storage
-from dtf_jax.data import pipeline
+from dtf_jax.data import hide_accelerators_from_tf, pipeline
 from dtf_jax.models import create_model, list_models
 from dtf_jax.pretrained import config_model_kwargs
 from dtf_jax.train.sharding import BATCH_AXES, make_mesh, param_spec
@@ -133,7 +133,9 @@ class Setup:
 
 
 def setup(config: ml_collections.ConfigDict, with_train_data: bool = True) -> Setup:
+  """Checks ``config`` and builds everything a run needs from it (not the state itself)."""
   validate_config(config)
+  hide_accelerators_from_tf()  # before the input pipelines make TensorFlow create its devices
   mesh = make_mesh(config.mesh.fsdp)
   if config.batch_size % jax.device_count():
     raise ValueError(f'config.batch_size={config.batch_size} is not divisible by the '
