@@ -415,3 +415,15 @@ def test_unknown_kwarg_lists_allowed_ones():
     create_model('dtf_swin_t', num_classes=10, clip_length=8, width=8)
   for allowed in ('image_size', 'embed_dim', 'window_size', 'depths', 'num_heads'):
     assert allowed in str(info.value)
+
+
+def test_model_specs_in_the_registry():
+  from dtf_jax.models import model_spec, size_kwargs  # pylint: disable=import-outside-toplevel
+  assert model_spec('dtf_swin_b') == model_spec('c2d_swin_t')
+  assert model_spec('dtf_swin_b').size_argument == 'image_size'
+  assert model_spec('dtf_r101').family == 'resnet' and model_spec('dtf_r50').size_argument is None
+  assert size_kwargs('dtf_swin_b', 192) == {'image_size': 192} and size_kwargs('c2d_r50', 192) == {}
+  model = create_model('c2d_swin_t', num_classes=3, clip_length=4, image_size=64)
+  assert model_spec(model).family == 'swin' and model_spec(model).classifier == 'head'
+  with pytest.raises(ValueError, match="Unknown model 'dtf_r18'"):
+    model_spec('dtf_r18')

@@ -37,7 +37,7 @@ import numpy as np
 
 from dtf_jax.convert import imagenet
 from dtf_jax.convert.state_dict import unwrap_state_dict
-from dtf_jax.models import create_model, example_input_shape, variable_shapes
+from dtf_jax.models import create_model, example_input_shape, model_spec, variable_shapes
 from dtf_jax.models.swin import SwinTransformer, effective_window, relative_position_index, \
     shifted_window_mask
 
@@ -297,8 +297,8 @@ def map_state_dict(model, state_dict: Mapping[str, Any], *, source: str = 'auto'
     detected, family, layout = imagenet.detect_source({k: v.shape for k, v in tensors.items()})
   except ValueError as e:
     raise ConversionError(str(e)) from None
-  is_swin = isinstance(model, SwinTransformer)
-  model_family = 'swin' if is_swin else 'resnet'
+  model_family = model_spec(model).family
+  is_swin = model_family == 'swin'
   if source not in imagenet.SOURCES + ('auto',):
     raise ConversionError(f'source must be one of {imagenet.SOURCES} or auto, got {source!r}')
   if source not in ('auto', detected):
@@ -437,7 +437,7 @@ def convert_state_dict(model_name: str, state_dict: Mapping[str, Any], *, num_cl
   ``return_report=True`` returns ``(variables, report)``.
   """
   tensors = unwrap_state_dict(state_dict)
-  if source in ('imagenet_swin', 'auto') and 'swin' in model_name:
+  if source in ('imagenet_swin', 'auto') and model_spec(model_name).family == 'swin':
     detected = imagenet.detect_source({k: v.shape for k, v in tensors.items()})[0]
     if detected == 'imagenet_swin':
       kwargs.setdefault('patch_norm', not drop_patch_norm)

@@ -9,7 +9,7 @@ the architecture of a name (e.g. ``temporal``) may still be overridden for ablat
 import dataclasses
 import functools
 import numbers
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -27,6 +27,18 @@ _SWIN_SIZES = {
     'b': dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.5),
     'l': dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), drop_path_rate=0.5),
 }
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """What callers need to know of a model family without building a model."""
+  family: str                          # 'resnet' or 'swin'
+  classifier: str = 'head'             # the classifier's module (params['head'])
+  size_argument: Optional[str] = None  # the create_model argument the frame size fixes, if any
+  example_size: int = 64               # the frame size of example inputs when none fixes it
+
+
+_SPECS = {ResNet: ModelSpec('resnet'),
+          SwinTransformer: ModelSpec('swin', size_argument='image_size')}
 
 _REGISTRY: Dict[str, tuple] = {}
 for _temporal in ('c2d', 'dtf'):
@@ -47,10 +59,20 @@ def model_fields(cls: Callable) -> List[str]:
   return [f.name for f in dataclasses.fields(cls) if f.name not in ('parent', 'name')]
 
 
+def model_spec(model) -> ModelSpec:
+  """The :class:`ModelSpec` of a model name or of a model built by :func:`create_model`."""
+  if isinstance(model, str):
+    if model not in _REGISTRY:
+      raise ValueError(f'Unknown model {model!r}; known models: {", ".join(list_models())}.')
+    return _SPECS[_REGISTRY[model][0]]
+  return _SPECS[type(model)]
+
+
 def example_input_shape(model: nn.Module, batch: int = 1) -> Tuple[int, ...]:
-  """``B T H W 3`` of an input ``model`` takes: its clip length and, for Swin (built for one frame
-  size), its ``image_size``; ResNets take any size (64 here)."""
-  size = model.image_size if isinstance(model, SwinTransformer) else 64
+  """``B T H W 3`` of an input ``model`` takes: its clip length and the frame size it was built
+  for (Swin's ``image_size``), or any size where none is fixed (ResNets)."""
+  spec = model_spec(model)
+  size = getattr(model, spec.size_argument) if spec.size_argument else spec.example_size
   return (batch, model.clip_length, size, size, 3)
 
 
@@ -65,7 +87,8 @@ def variable_shapes(model: nn.Module) -> Dict[str, Dict[str, jax.ShapeDtypeStruc
 
 def size_kwargs(name: str, size: int) -> Dict[str, Any]:
   """Extra :func:`create_model` arguments that a frame size implies (Swin is built for it)."""
-  return {'image_size': size} if 'swin' in name else {}
+  argument = model_spec(name).size_argument
+  return {argument: size} if argument else {}
 
 
 def create_model(name: str, *, num_classes: int, clip_length: int, **kwargs: Any) -> nn.Module:

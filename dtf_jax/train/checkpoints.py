@@ -13,6 +13,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from dtf_jax import convert, storage
+from dtf_jax.models import model_spec
 from dtf_jax.pretrained import CHECKPOINT_DIR, CONFIG_FILE, STATE_ITEM, load_pretrained
 from dtf_jax.train.config import Setup, log
 from dtf_jax.train.state import TrainState
@@ -137,12 +138,13 @@ def init_from(state: TrainState, path: str, s: Setup) -> TrainState:
   fresh initialisation, as do those a conversion leaves out (DTF blocks and the head when
   inflating ImageNet weights); any other mismatch is an error naming the arrays."""
   have, keep_fresh = load_init_arrays(path, s)
+  classifier = model_spec(s.model).classifier
   current = {'params': state.params, 'batch_stats': state.batch_stats}
   want = traverse_util.flatten_dict(current, sep='/')
   missing = sorted(set(want) - set(have) - keep_fresh)
   unexpected = sorted(set(have) - set(want))
   reinit = sorted(k for k in set(want) & set(have)
-                  if np.shape(want[k]) != np.shape(have[k]) and k.split('/')[1] == 'head')
+                  if np.shape(want[k]) != np.shape(have[k]) and k.split('/')[1] == classifier)
   mismatched = sorted(f'{k}: checkpoint {np.shape(have[k])} vs model {np.shape(want[k])}'
                       for k in set(want) & set(have)
                       if np.shape(want[k]) != np.shape(have[k]) and k not in reinit)

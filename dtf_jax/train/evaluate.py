@@ -15,7 +15,7 @@ from jax.experimental import multihost_utils
 from dtf_jax import metrics as metrics_lib
 from dtf_jax import storage
 from dtf_jax.data import pipeline
-from dtf_jax.models.swin import SwinTransformer
+from dtf_jax.models import model_spec
 from dtf_jax.pretrained import CHECKPOINT_DIR
 from dtf_jax.train.checkpoints import checkpoint_manager, restore_latest, restore_step, \
     restore_variables
@@ -27,8 +27,9 @@ def _predict_fn(s: Setup):
   """The jitted ``(variables, video B T H W 3) -> softmax B C`` of ``s``, compiled once."""
   if s.predict_fn is None:
     model = s.model
-    if isinstance(model, SwinTransformer):  # attention masks follow the frame size
-      model = model.clone(image_size=s.config.data.eval_size)
+    argument = model_spec(model).size_argument
+    if argument:  # built for one frame size (Swin: its attention masks): the eval size
+      model = model.clone(**{argument: s.config.data.eval_size})
 
     @functools.partial(jax.jit, out_shardings=s.batch_sharding)
     def predict(variables, video):
