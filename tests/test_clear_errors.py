@@ -99,6 +99,18 @@ def test_tool_numeric_flags_must_be_positive(tool, argv, flag, capsys):
   assert f'argument {flag}: must be >= ' in capsys.readouterr().err
 
 
+@pytest.mark.parametrize('argv,flag', [(['--batch-size', '0'], '--batch-size'),
+                                       (['--clip-length', '0'], '--clip-length'),
+                                       (['--warmup-batches', '-1'], '--warmup-batches')])
+def test_benchmark_input_flags_and_missing_data(argv, flag, tmp_path, capsys):
+  from dtf_jax.tools import benchmark_input  # pylint: disable=import-outside-toplevel
+  with pytest.raises(SystemExit) as info:
+    benchmark_input.parse_args(['--data', str(tmp_path)] + argv)
+  assert info.value.code == 2 and f'argument {flag}: must be >= ' in capsys.readouterr().err
+  with pytest.raises(SystemExit, match=r"^error: --data .*: no 'train-\*-of-\*.tfrecord' files"):
+    benchmark_input.main(['--data', str(tmp_path / 'absent')])
+
+
 def test_convert_torch_numeric_flags_must_be_positive(tmp_path, capsys):
   with pytest.raises(SystemExit) as info:
     convert_torch.main(['--model', 'dtf_r50', '--clip-length', '0', '--num-classes', '5',

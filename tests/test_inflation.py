@@ -116,9 +116,9 @@ def test_resnet50_inflation_keeps_the_2d_network(resnet50, name):
   sd, frame, want = resnet50
   model = create_model(name, num_classes=1000, clip_length=CLIP, dropout_rate=0.0)
   for stem in ('center', 'average'):
-    variables, report = convert.convert_state_dict(
+    variables, report = convert.convert_with_report(
         name, sd, num_classes=1000, clip_length=CLIP, source='imagenet_resnet', stem_init=stem,
-        keep_head=True, return_report=True)
+        keep_head=True)
     _check_logits(f'{name} ({stem})', _apply(model, variables, _identical_frames(frame)), want)
     kernel = np.asarray(variables['params']['stem_conv']['kernel'])  # T kh kw I O
     torch_kernel = sd['conv1.weight'].numpy().transpose(2, 3, 1, 0)
@@ -227,15 +227,15 @@ def test_swin_inflation_keeps_the_2d_network(swin_tiny, name):
   model = create_model(name, num_classes=1000, clip_length=CLIP, patch_norm=True,
                        drop_path_rate=0.0)
   for stem in ('center', 'average'):
-    variables, report = convert.convert_state_dict(
+    variables, report = convert.convert_with_report(
         name, timm_sd, num_classes=1000, clip_length=CLIP, source='imagenet_swin',
-        stem_init=stem, keep_head=True, drop_path_rate=0.0, return_report=True)
+        stem_init=stem, keep_head=True, drop_path_rate=0.0)
     assert report.layout == 'timm' and not report.ignored
     _check_logits(f'{name} ({stem})', _apply(model, variables, _identical_frames(frame)), want)
     # The official layout gives the same variables; its buffers are verified, not loaded.
-    official, official_report = convert.convert_state_dict(
+    official, official_report = convert.convert_with_report(
         name, official_sd, num_classes=1000, clip_length=CLIP, source='auto', stem_init=stem,
-        keep_head=True, drop_path_rate=0.0, return_report=True)
+        keep_head=True, drop_path_rate=0.0)
     assert official_report.layout == 'official'
     _assert_trees_equal(official, variables)
     reasons = {why for _, _, why in official_report.ignored}

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from dtf_jax.convert import ConversionError, convert_official_state_dict
+from dtf_jax.convert import ConversionError, convert_official_state_dict, convert_with_report
 from dtf_jax.convert.official import UNUSED_OFFICIAL
 from dtf_jax.models import create_model
 from dtf_jax.pretrained import load_pretrained
@@ -128,6 +128,11 @@ def _convert_swin(name, sd, **kw):
                                      clip_length=TINY_SWIN_CLIP, **TINY_SWIN, **kw)
 
 
+def _convert_swin_with_report(name, sd):
+  return convert_with_report(name, sd, num_classes=TINY_SWIN_CLASSES, clip_length=TINY_SWIN_CLIP,
+                             source='dtf', **TINY_SWIN)
+
+
 @pytest.fixture(scope='module')
 def dtf_swin():
   return _tiny_swin(dtf=True, seed=10)
@@ -227,7 +232,7 @@ def _unused_swin_keys(ref, sd):
 
 def test_swin_report_lists_unused_tensors(dtf_swin):
   ref, sd, _, _ = dtf_swin
-  _, report = _convert_swin('dtf_swin_t', sd, return_report=True)
+  _, report = _convert_swin_with_report('dtf_swin_t', sd)
   unused = _unused_swin_keys(ref, sd)
   # Tiny Swin at 64x64, window 4: stages have 16, 8, 4, 2 tokens per side; only the odd blocks of
   # stages 1-2 are shifted. 8 conv weights + 2 shifted DTF blocks.
@@ -428,7 +433,7 @@ def test_convert_cli_round_trip(dtf_swin, tmp_path, capsys):
                                 np.asarray(_jit_apply(model, direct, x)))
 
   # A second run refuses to overwrite without --overwrite.
-  with pytest.raises(FileExistsError):
+  with pytest.raises(SystemExit, match='holds converted weights; pass --overwrite'):
     convert_torch.main(_cli_args(src, out))
   convert_torch.main(_cli_args(src, out) + ['--overwrite'])
 

@@ -3,5 +3,5 @@ variables."""
 
 from dtf_jax.convert.imagenet import SOURCES, STEM_INITS, detect_source
 from dtf_jax.convert.official import ConversionError, ConversionReport, \
-    convert_official_state_dict, convert_state_dict, map_state_dict
+    convert_official_state_dict, convert_state_dict, convert_with_report, map_state_dict
 from dtf_jax.convert.state_dict import CheckpointReadError, read_state_dict, unwrap_state_dict

@@ -421,11 +421,18 @@ def init_variables(model, paths, seed: int = 0) -> Dict[str, np.ndarray]:
   return {p: np.asarray(v) for p, v in jax.jit(init)(jax.random.PRNGKey(seed)).items()}
 
 
-def convert_state_dict(model_name: str, state_dict: Mapping[str, Any], *, num_classes: int,
-                       clip_length: int, source: str = 'dtf', stem_init: str = 'center',
-                       keep_head: bool = False, drop_patch_norm: bool = False, seed: int = 0,
-                       return_report: bool = False, **kwargs) -> Dict[str, Any]:
-  """State dict -> ``{'params': ..., 'batch_stats': ...}`` for ``create_model(model_name, ...)``.
+def convert_state_dict(model_name: str, state_dict: Mapping[str, Any], **kwargs) -> Dict[str, Any]:
+  """State dict -> ``{'params': ..., 'batch_stats': ...}`` for ``create_model(model_name, ...)``;
+  the arguments of :func:`convert_with_report`, which also returns the report."""
+  return convert_with_report(model_name, state_dict, **kwargs)[0]
+
+
+def convert_with_report(model_name: str, state_dict: Mapping[str, Any], *, num_classes: int,
+                        clip_length: int, source: str = 'dtf', stem_init: str = 'center',
+                        keep_head: bool = False, drop_patch_norm: bool = False, seed: int = 0,
+                        **kwargs) -> Tuple[Dict[str, Any], 'ConversionReport']:
+  """State dict -> ``(variables, report)``: ``{'params': ..., 'batch_stats': ...}`` for
+  ``create_model(model_name, ...)`` and the :class:`ConversionReport`.
 
   ``state_dict`` maps key names to torch tensors or numpy arrays (wrappers ``{'state_dict': ...}``
   / ``{'model': ...}`` and ``module.`` prefixes are accepted; :func:`read_state_dict` reads
@@ -433,8 +440,7 @@ def convert_state_dict(model_name: str, state_dict: Mapping[str, Any], *, num_cl
   or ``'auto'``. ImageNet Swin checkpoints turn ``patch_norm`` on (their patch norm is loaded and
   the model starts as the 2D network) unless ``drop_patch_norm``. Variables left out (DTF blocks,
   a new head) get a fresh initialisation from ``seed``. ``kwargs`` go to ``create_model`` (e.g.
-  ``image_size`` for Swin). Raises :class:`ConversionError` listing every problem. With
-  ``return_report=True`` returns ``(variables, report)``.
+  ``image_size`` for Swin). Raises :class:`ConversionError` listing every problem.
   """
   tensors = unwrap_state_dict(state_dict)
   if source in ('imagenet_swin', 'auto') and model_spec(model_name).family == 'swin':
@@ -451,13 +457,11 @@ def convert_state_dict(model_name: str, state_dict: Mapping[str, Any], *, num_cl
       loaded[collection][path] = value
   variables = {c: flax.traverse_util.unflatten_dict(
       {tuple(p.split('/')): jnp.asarray(v) for p, v in loaded[c].items()}) for c in loaded}
-  return (variables, report) if return_report else variables
+  return variables, report
 
 
 def convert_official_state_dict(model_name: str, state_dict: Mapping[str, Any], *,
-                                num_classes: int, clip_length: int, return_report: bool = False,
-                                **kwargs) -> Dict[str, Any]:
+                                num_classes: int, clip_length: int, **kwargs) -> Dict[str, Any]:
   """An official DTF/C2D state dict: :func:`convert_state_dict` with ``source='dtf'``."""
   return convert_state_dict(model_name, state_dict, num_classes=num_classes,
-                            clip_length=clip_length, source='dtf', return_report=return_report,
-                            **kwargs)
+                            clip_length=clip_length, source='dtf', **kwargs)

@@ -20,6 +20,7 @@ import time
 import tensorflow as tf
 
 from dtf_jax.data import pipeline
+from dtf_jax.tools.model_info import int_at_least
 
 
 def parse_args(argv=None):
@@ -28,9 +29,11 @@ def parse_args(argv=None):
   parser.add_argument('--data', required=True, help="DIR, 'tfrecord:DIR' or 'tfds:NAME'.")
   parser.add_argument('--data-dir', help="TFDS data_dir for 'tfds:NAME'.")
   parser.add_argument('--split', default='train', help='split to read (default train).')
-  parser.add_argument('--clip-length', type=int, default=16, help='frames per clip (16).')
-  parser.add_argument('--stride', type=int, default=1, help='frame sampling stride (1).')
-  parser.add_argument('--size', type=int, default=224, help='train crop size (224).')
+  parser.add_argument('--clip-length', type=int_at_least(1), default=16,
+                      help='frames per clip (16).')
+  parser.add_argument('--stride', type=int_at_least(1), default=1,
+                      help='frame sampling stride (1).')
+  parser.add_argument('--size', type=int_at_least(1), default=224, help='train crop size (224).')
   parser.add_argument('--augment', choices=('none', 'released'), default='none',
                       help='train augmentation: none (crop and flip only) or released (the '
                       'DTF/SIFA chain: random resized crop, colour jitter, grayscale, blur, flip; '
@@ -38,14 +41,18 @@ def parse_args(argv=None):
   parser.add_argument('--crop', choices=pipeline.TRAIN_CROPS, default=None,
                       help='train crop (default: scale_jitter, or random_resized_crop with '
                       '--augment released).')
-  parser.add_argument('--batch-size', type=int, default=8, help='clips per batch (8).')
-  parser.add_argument('--batches', type=int, default=40, help='timed batches per pipeline (40).')
-  parser.add_argument('--warmup-batches', type=int, default=5, help='untimed batches first (5).')
-  parser.add_argument('--eval-size', type=int, default=None, help='eval crop size (--size).')
-  parser.add_argument('--num-clips', type=int, default=1, help='eval clips per video (1).')
+  parser.add_argument('--batch-size', type=int_at_least(1), default=8, help='clips per batch (8).')
+  parser.add_argument('--batches', type=int_at_least(1), default=40,
+                      help='timed batches per pipeline (40).')
+  parser.add_argument('--warmup-batches', type=int_at_least(0), default=5,
+                      help='untimed batches first (5).')
+  parser.add_argument('--eval-size', type=int_at_least(1), default=None,
+                      help='eval crop size (--size).')
+  parser.add_argument('--num-clips', type=int_at_least(1), default=1,
+                      help='eval clips per video (1).')
   parser.add_argument('--num-crops', type=int, choices=(1, 3), default=3,
                       help='eval crops per clip (3).')
-  parser.add_argument('--cores', type=int, default=None,
+  parser.add_argument('--cores', type=int_at_least(1), default=None,
                       help='limit tf.data to this many threads and count per core by it '
                       '(default: tf.data defaults, all usable cores).')
   parser.add_argument('--skip', choices=('train', 'eval'), help='time only the other pipeline.')
@@ -77,7 +84,10 @@ def main(argv=None) -> int:
   if args.cores:  # Otherwise tf.data's default pool, one thread per usable core.
     options.threading.private_threadpool_size = cores
     options.threading.max_intra_op_parallelism = 1
-  source = pipeline.make_source(dataset, args.split, args.data_dir, process_count=1)
+  try:
+    source = pipeline.make_source(dataset, args.split, args.data_dir, process_count=1)
+  except (FileNotFoundError, ValueError) as e:
+    sys.exit(f'error: --data {args.data}: {e}')
   print(f'{source.name} [{args.split}]: {source.num_videos} videos, {source.num_classes} classes; '
         f'{cores} cores; batch {args.batch_size}, clip {args.clip_length}x{args.size}^2 '
         f'(stride {args.stride})', flush=True)

@@ -103,6 +103,8 @@ def main(argv=None):
     sys.exit(f'--output: {e}')
   if output.exists() and not output.is_dir():
     sys.exit(f'--output {output}: is an existing file, not a directory')
+  if (output / 'variables').exists() and not args.overwrite:  # before the slow part
+    sys.exit(f'--output {output} holds converted weights; pass --overwrite to replace them')
 
   start = time.time()
   print(f'Reading {args.input}')
@@ -111,10 +113,10 @@ def main(argv=None):
   except (FileNotFoundError, ImportError, ValueError, convert.CheckpointReadError) as e:
     sys.exit(str(e))
   try:
-    variables, report = convert.convert_state_dict(
+    variables, report = convert.convert_with_report(
         args.model, state, num_classes=args.num_classes, clip_length=args.clip_length,
         source=args.source, stem_init=args.stem_init, keep_head=args.keep_head,
-        drop_patch_norm=args.drop_patch_norm, seed=args.seed, return_report=True, **kwargs)
+        drop_patch_norm=args.drop_patch_norm, seed=args.seed, **kwargs)
   except (convert.ConversionError, ValueError) as e:
     sys.exit(str(e))
   print(report.format())
