@@ -10,6 +10,8 @@ batch size. The paper's recipe: batch 256, lr 0.04 (DTF-Net, SGD) or 0.01 (DTF-T
 
 import ml_collections
 
+from dtf_jax.data import SSV2_FLIP_PAIRS
+
 # Per-dataset defaults: classes, flip policy (Something-Something has direction classes), epochs,
 # eval views (clips x crops) as in the paper.
 DATASETS = {
@@ -71,7 +73,7 @@ def get_base_config(dataset: str = 'k400') -> ml_collections.ConfigDict:
   c.data.area_range = (0.2, 1.0)   # random_resized_crop: fraction of the frame
   c.data.aspect_range = (3 / 4, 4 / 3)  # random_resized_crop: aspect ratio w/h
   c.data.flip = d['flip']          # 'flip', 'none' or 'swap_pairs' (flip and swap flip_pairs)
-  c.data.flip_pairs = ((86, 87), (93, 94), (166, 167))  # SSv2 classes a flip turns into each other
+  c.data.flip_pairs = SSV2_FLIP_PAIRS  # classes a flip turns into each other (SSv2's)
   c.data.colour_jitter = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue (0s = off)
   c.data.colour_jitter_prob = 0.8  # probability of applying the colour jitter
   c.data.grayscale_prob = 0.2      # probability of a grayscale clip

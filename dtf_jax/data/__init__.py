@@ -12,6 +12,9 @@ import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')  # no INFO lines from TensorFlow's C++ side
 
+# Something-Something V2 classes that a horizontal flip turns into each other (left <-> right).
+SSV2_FLIP_PAIRS = ((86, 87), (93, 94), (166, 167))
+
 
 def hide_accelerators_from_tf() -> None:
   """Makes TensorFlow see no GPU (JAX still does). Call before TensorFlow creates its devices; if

@@ -30,10 +30,10 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
+from dtf_jax.data import SSV2_FLIP_PAIRS  # noqa: F401  (ops.SSV2_FLIP_PAIRS)
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# Something-Something V2 classes that a horizontal flip turns into each other (left <-> right).
-SSV2_FLIP_PAIRS = ((86, 87), (93, 94), (166, 167))
 
 SEQUENCE_FEATURES = {'image/encoded': tf.io.FixedLenSequenceFeature([], tf.string)}
 CONTEXT_FEATURES = {

@@ -286,14 +286,15 @@ def generate(output_dir: str, num_train: int = 800, num_val: int = 200, frames: 
         {split: paths[name] for split, _, name in SPLITS}, video_root, paths['classes'])
     out = paths['tfrecords']
     storage.path(out).mkdir(parents=True, exist_ok=True)
-    convert_lib.write_label_map(out, classes, overwrite)
     opts = convert_lib.EncodeOptions(short_side=0, jpeg_quality=jpeg_quality, min_frames=frames)
-    for split, items in splits.items():
-      num_shards = max(1, math.ceil(len(items) / videos_per_shard))
-      manifests[split] = convert_lib.convert_split(
-          split, items, out, opts, num_shards, seed=seed, workers=convert_workers,
-          overwrite=overwrite, progress_interval=progress_interval,
-          extra_manifest={'format': 'synthetic', 'num_classes': len(classes)})
+    with convert_lib.output_lock(out):  # as the converter's command line holds it
+      convert_lib.write_label_map(out, classes, overwrite)
+      for split, items in splits.items():
+        num_shards = max(1, math.ceil(len(items) / videos_per_shard))
+        manifests[split] = convert_lib.convert_split(
+            split, items, out, opts, num_shards, seed=seed, workers=convert_workers,
+            overwrite=overwrite, progress_interval=progress_interval,
+            extra_manifest={'format': 'synthetic', 'num_classes': len(classes)})
   t_total = time.monotonic() - start
   timing = {'videos': t_videos, 'convert': t_total - t_videos, 'total': t_total}
   sizes = {'videos': _du(video_root), 'tfrecords': _du(paths['tfrecords'])}
