@@ -210,6 +210,12 @@ def test_output_not_a_writable_folder(clips, tmp_path):
 
 
 # Finding 7: Ctrl-C with worker processes.
+def _default_sigint():
+  # As in a terminal: a shell that starts this suite in the background (CI) leaves SIGINT ignored,
+  # and children inherit that, so that Ctrl-C would never reach the converter.
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_workers_and_the_same_command_resumes(clips, tmp_path):
   reference = tmp_path / 'reference'
   argv = _list_args(clips, reference, '--num-shards', '20', lst='list20.txt')
@@ -218,7 +224,8 @@ def test_ctrl_c_stops_workers_and_the_same_command_resumes(clips, tmp_path):
   cmd = _command(_list_args(clips, out, '--num-shards', '20', '--workers', '2',
                             '--progress-interval', '0', lst='list20.txt'))
   with open(tmp_path / 'stderr.txt', 'w') as err:
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=err, text=True)
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=err, text=True,
+                            preexec_fn=_default_sigint)
     _wait_for_progress(proc)
     proc.send_signal(signal.SIGINT)
     start = time.monotonic()
@@ -249,7 +256,8 @@ def test_second_converter_refused_while_first_runs(clips, tmp_path):
   cmd = _command(_list_args(clips, out, '--num-shards', '20', '--progress-interval', '0',
                             lst='list200.txt'))
   with open(tmp_path / 'stderr.txt', 'w') as err:
-    first = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=err, text=True)
+    first = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=err, text=True,
+                             preexec_fn=_default_sigint)
     try:
       _wait_for_progress(first)
       lock = out / '.convert' / 'lock'
