@@ -68,8 +68,9 @@ def detect_cluster(env: Optional[Mapping[str, str]] = None, tpu_vm_workers=_tpu_
   if 'OMPI_MCA_orte_hnp_uri' in env and _count(env, 'OMPI_COMM_WORLD_SIZE') > 1:
     return f'open mpi ({env["OMPI_COMM_WORLD_SIZE"]} processes)'
   hosts = env.get('TPU_PROCESS_ADDRESSES') or env.get('TPU_WORKER_HOSTNAMES') or ''
-  if len([h for h in hosts.split(',') if h.strip()]) > 1:
-    return f'cloud tpu on gke ({len(hosts.split(","))} hosts)'
+  hosts = [h for h in hosts.split(',') if h.strip()]
+  if len(hosts) > 1:
+    return f'cloud tpu on gke ({len(hosts)} hosts)'
   workers = tpu_vm_workers(timeout)
   if workers > 1:
     return f'cloud tpu pod slice ({workers} workers)'

@@ -495,10 +495,12 @@ def convert_split(split: str, items: Sequence[VideoItem], output_dir: str, opts:
   _write_json(settings_path, settings)
 
   shards = assign_shards(items, num_shards, seed)
-  paths = [str(output / n) for n in names]
-  states = [str(state_dir / (n + '.json')) for n in names]
-  todo = [i for i in range(num_shards)
-          if not (storage.path(paths[i]).exists() and storage.path(states[i]).exists())]
+  paths = [output / n for n in names]
+  states = [state_dir / (n + '.json') for n in names]
+
+  def written(i):  # a shard counts once its file and its bookkeeping file are both there
+    return paths[i].exists() and states[i].exists()
+  todo = [i for i in range(num_shards) if not written(i)]
   if len(todo) < num_shards:
     print(f'[{split}] resuming: {num_shards - len(todo)} of {num_shards} shards already written')
   done = set(range(num_shards)) - set(todo)
@@ -516,11 +518,10 @@ def convert_split(split: str, items: Sequence[VideoItem], output_dir: str, opts:
   except KeyboardInterrupt:
     for i in todo:  # what terminated workers left (an interrupted write here removes its own)
       for name in (paths[i], states[i]):
-        tmp = storage.path(name + '.tmp')
+        tmp = name.parent / (name.name + '.tmp')
         if not storage.is_url(tmp) and tmp.exists():
           tmp.unlink()
-    finished = sum(storage.path(paths[i]).exists() and storage.path(states[i]).exists()
-                   for i in range(num_shards))
+    finished = sum(written(i) for i in range(num_shards))
     raise Interrupted(split, finished, num_shards) from None
   progress.print(final=True)
   if stopped:
