@@ -7,9 +7,10 @@ Two kinds of directory load the same way::
     logits = model.apply(variables, video, train=False)                       # video: B T H W 3
     names = dtf_jax.pretrained.read_meta('runs/my_run')['class_names']
 
-A pretrained directory holds ``variables/`` (an orbax checkpoint of ``{'params', 'batch_stats'}``)
-and ``meta.json``: ``{"model": name, "kwargs": {...create_model arguments}, "class_names": [...]
-or null, "source": {...where the weights came from}}``. A trainer workdir holds ``config.json``
+A pretrained directory holds ``variables/`` (an orbax checkpoint of ``{'params', 'batch_stats'}``;
+``variables.next/`` after a replacement) and ``meta.json``: ``{"model": name, "kwargs":
+{...create_model arguments}, "class_names": [...] or null, "source": {...where the weights came
+from}, "variables": the directory of the arrays}``. A trainer workdir holds ``config.json``
 (the resolved config plus the ``class_names`` of its training data) and ``checkpoints/STEP/``;
 only the parameters and batch statistics of a step are read, never the optimizer state. Paths
 may be local or URLs (``gs://bucket/...``; see ``dtf_jax.storage``).
@@ -64,34 +65,49 @@ def save_pretrained(directory: str, model_name: str, model_kwargs: Dict[str, Any
 
   ``model_kwargs`` must include ``num_classes`` and ``clip_length``; ``source`` describes where
   the weights came from (kind, file, sha256, inflation choices); ``class_names`` the classifier's
-  classes in order. Both are written atomically (orbax finalises a temporary directory;
-  ``meta.json`` by ``storage.write_json``); with ``overwrite``, the new variables are written
-  beside the old ones and swapped in only once complete.
+  classes in order. Nothing is lost if the process dies at any point, on local disk or in a
+  bucket (where directories cannot be renamed): the arrays go into a directory that
+  ``meta.json`` does not name yet (``variables/``, or ``variables.next/`` when replacing
+  ``variables/``), then ``meta.json`` is written in one atomic step naming it (its
+  ``"variables"`` field), then the old directory is removed. ``meta.json`` always names complete
+  arrays; directories it does not name are leftovers of a stopped run, removed on the next save.
   """
   directory = storage.path(directory)
-  target = directory / VARIABLES_DIR
-  if target.exists() and not overwrite:
-    raise FileExistsError(f'{target} exists; pass overwrite=True (--overwrite) to replace it.')
   if class_names is not None and len(class_names) != model_kwargs['num_classes']:
     raise ValueError(f'{len(class_names)} class names for {model_kwargs["num_classes"]} classes')
+  current = _variables_dir(directory)
+  if current is not None and not overwrite:
+    raise FileExistsError(f'{directory} holds weights ({directory / META_FILE}); pass '
+                          'overwrite=True (--overwrite) to replace them.')
   directory.mkdir(parents=True, exist_ok=True)
-  # Replacing: the new copy is written beside the old one, then swapped in by renames.
-  new, old = (directory / f'{VARIABLES_DIR}.{suffix}' for suffix in ('new', 'old'))
-  for leftover in (new, old):  # of an earlier run stopped half way
-    if leftover.exists():
-      leftover.rmtree()
+  name = VARIABLES_DIR if current != VARIABLES_DIR else f'{VARIABLES_DIR}.next'
+  _remove_leftovers(directory, keep=current)
   with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(new if target.exists() else target, variables)
-  if new.exists():
-    target.rename(old)
-    new.rename(target)
+    checkpointer.save(directory / name, variables)
   meta = {'model': model_name, 'kwargs': {k: _json_ready(v) for k, v in model_kwargs.items()},
           'class_names': list(class_names) if class_names is not None else None,
-          'source': source}
-  storage.write_json(directory / META_FILE, meta, sort_keys=True)
-  if old.exists():
-    old.rmtree()
+          'source': source, 'variables': name}
+  storage.write_json(directory / META_FILE, meta, sort_keys=True)  # the switch to the new copy
+  _remove_leftovers(directory, keep=name)
   return str(directory)
+
+
+def _variables_dir(directory: epath.Path) -> Optional[str]:
+  """The variables directory that ``directory/meta.json`` names (``variables`` if it predates
+  the field), or None without ``meta.json``."""
+  if not (directory / META_FILE).exists():
+    return None
+  return storage.read_json(directory / META_FILE).get('variables', VARIABLES_DIR)
+
+
+def _remove_leftovers(directory: epath.Path, keep: Optional[str]) -> None:
+  """Removes every ``variables*`` entry but ``keep`` (orbax's temporary directories included)."""
+  for entry in directory.glob(f'{VARIABLES_DIR}*'):
+    if entry.name != keep:
+      if entry.is_dir():
+        entry.rmtree()
+      else:
+        entry.unlink()
 
 
 def _checkpoint_steps(workdir: epath.Path) -> Tuple[epath.Path, List[int]]:
@@ -109,6 +125,7 @@ def read_meta(path: str) -> Dict[str, Any]:
     meta = storage.read_json(path / META_FILE)
     meta.setdefault('class_names', None)
     meta.setdefault('source', None)
+    meta.setdefault('variables', VARIABLES_DIR)
     return meta
   if (path / CONFIG_FILE).exists():
     config = storage.read_json(path / CONFIG_FILE)
@@ -150,7 +167,7 @@ def load_pretrained(path: str, step: Optional[int] = None,
     if step is not None:
       raise ValueError(f'{path} is a pretrained directory: it has no steps (step={step})')
     with ocp.StandardCheckpointer() as checkpointer:
-      variables = checkpointer.restore(path / VARIABLES_DIR)
+      variables = checkpointer.restore(path / meta['variables'])
   else:
     checkpoints, steps = _checkpoint_steps(path)
     if not steps:

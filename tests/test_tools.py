@@ -17,7 +17,7 @@ import pytest
 
 from dtf_jax import flops
 from dtf_jax.models import create_model
-from dtf_jax.pretrained import load_pretrained, save_pretrained
+from dtf_jax.pretrained import load_pretrained, read_meta, save_pretrained
 from dtf_jax.tools import benchmark_model, model_info
 
 R50 = (3, 4, 6, 3)
@@ -400,7 +400,73 @@ def test_pretrained_refuses_to_overwrite(tmp_path):
   _, replaced = load_pretrained(directory)
   np.testing.assert_array_equal(replaced['params']['head']['kernel'],
                                 second['params']['head']['kernel'])
-  assert sorted(os.listdir(directory)) == ['meta.json', 'variables']
+  assert sorted(os.listdir(directory)) == ['meta.json', read_meta(directory)['variables']]
+
+
+_KILLED_SAVE = r"""
+import sys, time
+import numpy as np
+from dtf_jax import pretrained
+target, source, point = sys.argv[1:4]
+_, variables = pretrained.load_pretrained(source)
+meta = pretrained.read_meta(source)
+
+def stop(where):
+  print(where, flush=True)
+  time.sleep(600)  # the test kills the process here
+
+if point == 'writing':  # orbax reads this array while writing variables.new
+  class Slow:
+    shape, dtype = (3,), np.float32
+    def __array__(self, *args, **kwargs):
+      stop('STOPPED')
+  variables['params']['extra'] = Slow()
+else:  # 'switched': meta.json names the new arrays, the old ones are not removed yet
+  write_json = pretrained.storage.write_json
+  def paused(*args, **kwargs):
+    write_json(*args, **kwargs)
+    stop('STOPPED')
+  pretrained.storage.write_json = paused
+pretrained.save_pretrained(target, meta['model'], meta['kwargs'], variables, overwrite=True)
+"""
+
+
+@pytest.mark.parametrize('point, kept', [('writing', 'first'), ('switched', 'second')])
+def test_pretrained_overwrite_survives_kill_9(tmp_path, point, kept):
+  # A real process replacing the weights is killed (SIGKILL) while writing the new arrays, and
+  # just after meta.json switched to them: the directory loads the old copy, then the new one;
+  # the next save cleans up.
+  import signal  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  model = create_model('dtf_r50', **TINY_DTF)
+  copies = {name: _random_variables(model, (1, 8, 32, 32, 3), seed)
+            for seed, name in enumerate(('first', 'second', 'third'))}
+  directory, source = str(tmp_path / 'ckpt'), str(tmp_path / 'source')
+  save_pretrained(directory, 'dtf_r50', TINY_DTF, copies['first'])
+  save_pretrained(source, 'dtf_r50', TINY_DTF, copies['second'])
+  proc = subprocess.Popen([sys.executable, '-c', _KILLED_SAVE, directory, source, point],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  try:
+    lines = []
+    for line in proc.stdout:
+      lines.append(line)
+      if line.strip() == 'STOPPED':
+        break
+    assert lines and lines[-1].strip() == 'STOPPED', ''.join(lines)[-3000:]
+    proc.send_signal(signal.SIGKILL)
+  finally:
+    proc.kill()
+    proc.wait()
+  assert proc.returncode == -signal.SIGKILL
+  _, loaded = load_pretrained(directory)
+  np.testing.assert_array_equal(loaded['params']['head']['kernel'],
+                                copies[kept]['params']['head']['kernel'])
+  save_pretrained(directory, 'dtf_r50', TINY_DTF, copies['third'], overwrite=True)
+  _, loaded = load_pretrained(directory)
+  np.testing.assert_array_equal(loaded['params']['head']['kernel'],
+                                copies['third']['params']['head']['kernel'])
+  assert sorted(os.listdir(directory)) == ['meta.json', read_meta(directory)['variables']]
 
 
 def test_load_pretrained_without_meta(tmp_path):

@@ -247,6 +247,13 @@ _LOAD = r"""
     from dtf_jax import pretrained
     model, remote = pretrained.load_pretrained({remote!r})
     _, local = pretrained.load_pretrained({local!r})
+    # A pretrained directory in the bucket, written, then replaced (renames in a bucket).
+    meta, copy = pretrained.read_meta({remote!r}), {remote!r} + '_pretrained'
+    zeros = jax.tree.map(np.zeros_like, remote)
+    pretrained.save_pretrained(copy, meta['model'], meta['kwargs'], zeros)
+    pretrained.save_pretrained(copy, meta['model'], meta['kwargs'], remote, overwrite=True)
+    _, replaced = pretrained.load_pretrained(copy)
+    assert jax.tree.all(jax.tree.map(np.array_equal, replaced, local))
     flat = lambda tree: {{jax.tree_util.keystr(p): np.asarray(x)
                           for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}}
     remote, local = flat(remote), flat(local)
@@ -336,6 +343,9 @@ def test_bucket_convert_train_sigterm_eval_resume_load(dataset, gcs, tmp_path):
   output = _run(_python_cmd(_LOAD, remote=workdir, local=str(local)), 1, 'load_pretrained',
                 gcs=gcs)
   assert 'arrays equal' in output, _readable(output)
+  prefix = f'{run}_pretrained/'
+  left = {n[len(prefix):].split('/')[0] for n in gcs.object_names(prefix)} - {''}
+  assert left == {'meta.json', 'variables.next'}, gcs.object_names(prefix)  # the old one removed
 
   # Both clients reached the bucket (TensorFlow through the proxy, tensorstore directly), and no
   # URL became a local folder.

@@ -10,8 +10,9 @@
     python -m dtf_jax.tools.convert_torch --model dtf_r50 --clip-length 16 --num-classes 400 \\
         --input dtf_r50.pth --output DIR
 
-``DIR`` receives ``variables/`` (orbax) and ``meta.json`` (model arguments, source, the input's
-sha256, the inflation choices, class names); load it with
+``DIR`` receives ``variables/`` (orbax; ``variables.next/`` when ``--overwrite`` replaced it) and
+``meta.json`` (model arguments, source, the input's sha256, the inflation choices, class names,
+the arrays' directory); load it with
 ``dtf_jax.pretrained.load_pretrained(DIR)`` or start training from it with
 ``--config.init_from=DIR``. ``.safetensors`` files are read without PyTorch; ``.pth``/``.pt``
 files with ``torch.load(weights_only=True)`` (the ``torch`` extra), which cannot run code.
@@ -103,7 +104,7 @@ def main(argv=None):
     sys.exit(f'--output: {e}')
   if output.exists() and not output.is_dir():
     sys.exit(f'--output {output}: is an existing file, not a directory')
-  if (output / 'variables').exists() and not args.overwrite:  # before the slow part
+  if (output / 'meta.json').exists() and not args.overwrite:  # before the slow part
     sys.exit(f'--output {output} holds converted weights; pass --overwrite to replace them')
 
   start = time.time()
