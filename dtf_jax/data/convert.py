@@ -393,6 +393,23 @@ def write_shard(path: str, state_path: str, items: Sequence[VideoItem], opts: En
 _QUEUE = None
 
 
+@contextlib.contextmanager
+def _sigint_ignored():
+  """Ctrl-C is ignored inside (in the main thread; elsewhere signals cannot be set): for starting
+  workers, which inherit it and so never print a KeyboardInterrupt of their own when a terminal's
+  Ctrl-C reaches the whole process group, and for stopping them, which a second Ctrl-C must not
+  cut short."""
+  import threading  # pylint: disable=import-outside-toplevel
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, previous)
+
+
 def _init_worker(queue, single_threaded: bool):
   # Ctrl-C is the parent's to handle: it cancels the shards and terminates the workers.
   signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -516,12 +533,13 @@ def convert_split(split: str, items: Sequence[VideoItem], output_dir: str, opts:
       _write_shards_in_pool([(paths[i], states[i], shards[i]) for i in todo], opts, workers,
                             decode_threads, progress)
   except KeyboardInterrupt:
-    for i in todo:  # what terminated workers left (an interrupted write here removes its own)
-      for name in (paths[i], states[i]):
-        tmp = name.parent / (name.name + '.tmp')
-        if not storage.is_url(tmp) and tmp.exists():
-          tmp.unlink()
-    finished = sum(written(i) for i in range(num_shards))
+    with _sigint_ignored():  # a second Ctrl-C does not cut the clean-up short
+      for i in todo:  # what terminated workers left (an interrupted write here removes its own)
+        for name in (paths[i], states[i]):
+          tmp = name.parent / (name.name + '.tmp')
+          if not storage.is_url(tmp) and tmp.exists():
+            tmp.unlink()
+      finished = sum(written(i) for i in range(num_shards))
     raise Interrupted(split, finished, num_shards) from None
   progress.print(final=True)
   if stopped:
@@ -562,8 +580,9 @@ def _write_shards_in_pool(tasks, opts: EncodeOptions, workers: int, decode_threa
       min(workers, len(tasks)), mp_context=ctx, initializer=_init_worker,
       initargs=(queue, decode_threads == 1))
   try:
-    futures = [pool.submit(_shard_task, path, state, items, opts, decode_threads)
-               for path, state, items in tasks]
+    with _sigint_ignored():  # submit() starts the worker processes
+      futures = [pool.submit(_shard_task, path, state, items, opts, decode_threads)
+                 for path, state, items in tasks]
     pending = set(futures)
     while pending:
       _drain(queue, progress, timeout=0.2)
@@ -572,7 +591,8 @@ def _write_shards_in_pool(tasks, opts: EncodeOptions, workers: int, decode_threa
       f.result()  # re-raises a worker's exception
     _drain(queue, progress, timeout=0.5)
   except BaseException:
-    _terminate(pool)
+    with _sigint_ignored():
+      _terminate(pool)
     raise
   pool.shutdown()
 
@@ -895,11 +915,13 @@ def main(argv=None) -> int:
   os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
   try:
     return _run(args)
-  except Interrupted as e:
-    print(f'interrupted: {e.done} of {e.total} {e.split} shards are done and kept; run the same '
-          'command again to resume.', file=sys.stderr, flush=True)
-  except KeyboardInterrupt:
-    print('interrupted; run the same command again to resume.', file=sys.stderr, flush=True)
+  except KeyboardInterrupt as e:
+    with _sigint_ignored():
+      if isinstance(e, Interrupted):
+        print(f'interrupted: {e.done} of {e.total} {e.split} shards are done and kept; run the '
+              'same command again to resume.', file=sys.stderr, flush=True)
+      else:
+        print('interrupted; run the same command again to resume.', file=sys.stderr, flush=True)
   except ConvertError as e:
     sys.exit(f'error: {e}')
   except OSError as e:
@@ -960,4 +982,7 @@ def _convert(args, classes, splits) -> int:
 
 if __name__ == '__main__':
   from dtf_jax.data.convert import main as _main  # spawned workers import the same module
-  sys.exit(_main())
+  exit_code = _main()
+  if exit_code == 130:  # stopped by Ctrl-C, and all is tidied: another one changes nothing
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+  sys.exit(exit_code)
