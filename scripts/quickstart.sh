@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Quickstart on a fresh machine with Python 3.11: creates .venv if missing, installs dtf_jax,
-# generates the synthetic dataset, trains configs/quickstart.py on the CPU, evaluates the saved
-# checkpoint and prints its top-1.
+# generates the synthetic dataset (unless up to date), trains configs/quickstart.py on the CPU,
+# evaluates the saved checkpoint and prints its top-1.
 # Usage: bash scripts/quickstart.sh [extra main.py flags, e.g. --config.model.name=c2d_r50]
 # Environment: WORKDIR (default runs/quickstart), DATA (default data/synthetic).
 set -euo pipefail
@@ -14,9 +14,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e .
-if [ ! -f "$DATA/tfrecords/validation-manifest.json" ]; then
-  .venv/bin/python -m dtf_jax.data.synthetic --output "$DATA"
-fi
+# Does nothing if $DATA is up to date; replaces data of an older generator version.
+.venv/bin/python -m dtf_jax.data.synthetic --output "$DATA" --overwrite
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
 .venv/bin/python main.py --config=configs/quickstart.py --workdir="$WORKDIR" --mode=train \
     --config.data.dataset="tfrecord:$DATA/tfrecords" "$@"

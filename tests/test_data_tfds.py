@@ -56,7 +56,7 @@ def test_info_classes_and_splits(data_dir):
   assert info.features['label'].names == list(synthetic.CLASSES)
   assert info.features['video'].shape == (None, SIZE, SIZE, 3)
   assert {name: s.num_examples for name, s in info.splits.items()} == COUNTS
-  assert str(info.version) == '1.0.0'
+  assert str(info.version) == '2.0.0'
 
 
 @pytest.mark.parametrize('split', sorted(COUNTS))

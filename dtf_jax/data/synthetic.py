@@ -10,7 +10,7 @@ flicker and Gaussian pixel noise. Classes are 4 kinds x 2 temporal directions:
   0 moving_left          1 moving_right               (horizontal translation)
   2 moving_up            3 moving_down                (vertical translation)
   4 growing              5 shrinking                  (scale x2-2.8)
-  6 rotating_clockwise   7 rotating_counterclockwise  (90-180 degrees over the clip)
+  6 rotating_clockwise   7 rotating_counterclockwise  (135-225 degrees over the clip)
 
 The second class of a pair is the first class's clip played backwards: ``render_clip(2k + 1, rng)``
 is exactly ``render_clip(2k, rng)[::-1]`` for the same generator state, so the two classes of a pair
@@ -25,8 +25,13 @@ Output in ``--output``:
   classes.txt                           class names, one per line (index = line)
   tfrecords/                            converter output (``dtf_jax.data.convert``): splits
                                         ``train`` and ``validation``, frames at the rendered size.
+  synthetic.json                        what was generated (``VERSION`` and the arguments),
+                                        written last: a run with the same arguments finds the
+                                        dataset up to date and does nothing; other arguments or
+                                        another version need ``--overwrite``, which replaces it.
 Clip ``i`` of a split is drawn from ``numpy.random.default_rng([seed, split_code, i])`` (train 0,
-validation 1) with label ``i % 8`` (balanced), so every file is determined by ``--seed`` alone.
+validation 1) with label ``i % 8`` (balanced), so every file is determined by ``--seed`` and
+``VERSION`` alone.
 """
 
 import argparse
@@ -51,6 +56,9 @@ SPLITS = (('train', 0, 'train.txt'), ('validation', 1, 'val.txt'))  # (name, see
 NOISE_STD = 4.0     # Gaussian pixel noise (uint8 units)
 FLICKER_STD = 3.0   # per-frame global brightness offset
 CRF = 18
+VERSION = 2         # of the rendering: bump when render_clip's output changes (2: larger, faster
+                    # rotations, which the quickstart learns reliably)
+SPEC_FILE = 'synthetic.json'
 
 
 def _shape_sdf(shape: str, u: np.ndarray, v: np.ndarray, a: float, b: float) -> np.ndarray:
@@ -111,9 +119,9 @@ def render_clip(label: int, rng: np.random.Generator, frames: int = 16,
   shape = SHAPES[rng.integers(len(SHAPES))]
   # Rotating objects are larger and more elongated, so that their orientation stays visible
   # at low resolution (the quickstart trains at 32x32).
-  aspect = rng.uniform(2.0, 3.0) if kind == 'rotation' else rng.uniform(1.0, 2.5)
+  aspect = rng.uniform(2.5, 3.5) if kind == 'rotation' else rng.uniform(1.0, 2.5)
   color = 255.0 - rng.uniform(0.0, 60.0, 3)  # bright, slightly tinted: every channel >= 195
-  radius_range = (0.14, 0.18) if kind == 'rotation' else (0.10, 0.16)
+  radius_range = (0.16, 0.20) if kind == 'rotation' else (0.10, 0.16)
   radius = np.full(frames, rng.uniform(*radius_range) * s)
   angle = np.full(frames, rng.uniform(0, 2 * np.pi))
   cx = np.full(frames, rng.uniform(0.3, 0.7) * s)
@@ -133,7 +141,7 @@ def render_clip(label: int, rng: np.random.Generator, frames: int = 16,
       r0 = rng.uniform(0.05, 0.08) * s
       radius = r0 * rng.uniform(2.0, 2.8) ** t
     else:
-      angle = angle[0] + rng.uniform(0.5, 1.0) * np.pi * t  # y points down: increasing = clockwise
+      angle = angle[0] + rng.uniform(0.75, 1.25) * np.pi * t  # y points down: increasing = clockwise
 
   # Distractor: a darker disk on a straight random path (independent of the class).
   d_radius = np.float32(rng.uniform(0.04, 0.07) * s)
@@ -241,13 +249,24 @@ def generate(output_dir: str, num_train: int = 800, num_val: int = 200, frames: 
   video_root = str(root / 'videos')
   codec = video_codec()
   paths = {'videos': video_root, 'classes': str(root / 'classes.txt'),
-           'tfrecords': str(root / 'tfrecords')}
+           'tfrecords': str(root / 'tfrecords'),
+           **{list_name: str(root / list_name) for _, _, list_name in SPLITS}}
+  spec = {'version': VERSION, 'num_train': num_train, 'num_val': num_val, 'frames': frames,
+          'size': size, 'seed': seed, 'fps': fps, 'codec': codec, 'convert': convert,
+          'videos_per_shard': videos_per_shard, 'jpeg_quality': jpeg_quality}
+  if _up_to_date(root, spec, overwrite):
+    print(f'synthetic: {output_dir} is up to date (version {VERSION}, seed {seed}); nothing to do',
+          flush=True)
+    manifests = {split: storage.read_json(root / 'tfrecords' / f'{split}-manifest.json')
+                 for split, _, _ in SPLITS} if convert else {}
+    return {'paths': paths, 'timing': {'videos': 0.0, 'convert': 0.0, 'total': 0.0},
+            'bytes': {'videos': _du(video_root), 'tfrecords': _du(paths['tfrecords'])},
+            'codec': codec, 'manifests': manifests}
   counts = {'train': num_train, 'validation': num_val}
   tasks, total = [], 0
   for split, code, list_name in SPLITS:
     (root / 'videos' / split).mkdir(parents=True, exist_ok=True)
     rels = [(f'{split}/{i:06d}.mp4', i % len(CLASSES), i) for i in range(counts[split])]
-    paths[list_name] = str(root / list_name)
     _write_lines(paths[list_name], [f'{r} {label}' for r, label, _ in rels])
     clips = [(str(root / 'videos' / r), label, code, i) for r, label, i in rels]
     chunk = 25
@@ -295,6 +314,7 @@ def generate(output_dir: str, num_train: int = 800, num_val: int = 200, frames: 
             split, items, out, opts, num_shards, seed=seed, workers=convert_workers,
             overwrite=overwrite, progress_interval=progress_interval,
             extra_manifest={'format': 'synthetic', 'num_classes': len(classes)})
+  storage.write_json(root / SPEC_FILE, spec, sort_keys=True)  # last: the dataset is complete
   t_total = time.monotonic() - start
   timing = {'videos': t_videos, 'convert': t_total - t_videos, 'total': t_total}
   sizes = {'videos': _du(video_root), 'tfrecords': _du(paths['tfrecords'])}
@@ -302,6 +322,31 @@ def generate(output_dir: str, num_train: int = 800, num_val: int = 200, frames: 
         f'{timing["convert"]:.1f}s ({_mb(sizes["tfrecords"])}), total {t_total:.1f}s', flush=True)
   return {'paths': paths, 'timing': timing, 'bytes': sizes, 'codec': codec,
           'manifests': manifests}
+
+
+def _up_to_date(root, spec: Dict, overwrite: bool) -> bool:
+  """True if ``root`` holds the complete dataset of ``spec``. Otherwise, with ``overwrite``, what
+  an earlier run left there is removed; without it, earlier files are an error naming them."""
+  record = root / SPEC_FILE
+  old = storage.read_json(record) if record.exists() else None
+  if old == spec:
+    return True
+  if old is not None:
+    found = 'a synthetic dataset of other settings (' + ', '.join(
+        f'{k} {old.get(k)} -> {spec[k]}' for k in sorted(spec) if old.get(k) != spec[k]) + ')'
+  elif any((root / name).exists() for name in ('videos', 'tfrecords')):
+    found = f'an unfinished synthetic dataset, or one older than version {VERSION}'
+  else:
+    return False
+  if not overwrite:
+    raise SystemExit(f'{root} holds {found}; pass --overwrite to replace it.')
+  print(f'synthetic: replacing {found} in {root}', flush=True)
+  if old is not None:
+    record.unlink()
+  for name in ('videos', 'tfrecords'):
+    if (root / name).exists():
+      (root / name).rmtree()
+  return False
 
 
 def _du(path: str) -> int:
@@ -340,7 +385,9 @@ def parse_args(argv: Optional[List[str]] = None):
   parser.add_argument('--no-convert', action='store_true',
                       help='write only the videos and lists, no TFRecords.')
   parser.add_argument('--overwrite', action='store_true',
-                      help='replace TFRecords written earlier with other settings.')
+                      help='replace a dataset written earlier with other arguments or by another '
+                           'version (without it, that is an error; the same arguments again find '
+                           'the dataset up to date and do nothing).')
   args = parser.parse_args(argv)
   if args.num_train < 0 or args.num_val < 0 or args.frames < 2 or args.workers < 1 \
       or args.convert_workers < 1:

@@ -44,8 +44,9 @@ class DtfSyntheticConfig(tfds.core.BuilderConfig):
 class DtfSynthetic(tfds.core.GeneratorBasedBuilder):
   """The synthetic temporal dataset: 8 motion classes, two of each pair mirror images in time."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release: clips rendered, encoded to mp4, decoded with PyAV.'}
+  VERSION = tfds.core.Version(f'{synthetic.VERSION}.0.0')  # follows the rendering's version
+  RELEASE_NOTES = {'1.0.0': 'Initial release: clips rendered, encoded to mp4, decoded with PyAV.',
+                   '2.0.0': 'Larger, faster rotations (synthetic.VERSION 2).'}
   BUILDER_CONFIGS = [
       DtfSyntheticConfig(name='default', description='800 train / 200 validation clips, '
                          '16 frames of 64x64, seed 0 (synthetic.generate defaults).'),
