@@ -290,6 +290,21 @@ def test_benchmark_model_compare_cli(monkeypatch, capsys):
   for what in ('forward', 'forward+backward'):
     line = _line(out, f'time ratio dtf_r50 / c2d_r50 ({what}):')
     assert float(line.rsplit(':', 1)[1]) > 0
+  # XLA's cost analysis: every call reads at least the video and every parameter once; DTF adds
+  # traffic to the same network; the printed ratio is that of the two models' figures.
+  for timer in timers:
+    floor = timer.video.nbytes + sum(x.nbytes for x in jax.tree.leaves(timer.variables))
+    line = _line(out, f'{timer.name} XLA cost per clip:')
+    printed = [float(x) for x in re.findall(r'([\d.]+) GiB accessed', line)]
+    assert printed == [pytest.approx(timer.cost[w]['bytes'] / 2 / 2 ** 30, abs=6e-4)
+                       for w in ('forward', 'forward+backward')], line
+    assert all(timer.cost[w]['bytes'] >= floor and timer.cost[w]['flops'] > 0
+               for w in timer.calls)
+  for what in ('forward', 'forward+backward'):
+    assert timers[0].cost[what]['bytes'] > timers[1].cost[what]['bytes']
+    line = _line(out, f'bytes-accessed ratio dtf_r50 / c2d_r50 ({what}):')
+    assert float(line.rsplit(':', 1)[1]) == pytest.approx(
+        timers[0].cost[what]['bytes'] / timers[1].cost[what]['bytes'], abs=1e-3)
 
   # One timed run per measurement; the forward+backward call gives a gradient for every
   # parameter (the DTF ones included) and new batch statistics.

@@ -5,8 +5,10 @@
 
 Prints the compile times and, per clip, the median forward and forward+backward (training step
 gradients, ``train=True``, batch-norm statistics updated) wall times over ``--repeats`` runs after
-``--warmup`` runs. With ``--compare``, both models are timed in the same process with their runs
-interleaved, and the time ratios model / compare are printed.
+``--warmup`` runs, and XLA's cost analysis of each compiled call (bytes accessed and FLOPs per
+clip: the memory traffic a block adds shows there on any machine, also where its time does not).
+With ``--compare``, both models are timed in the same process with their runs interleaved, and
+the ratios model / compare of time and of bytes accessed are printed.
 """
 
 import argparse
@@ -57,6 +59,7 @@ class ModelTimer:
     self.labels = jnp.asarray(rng.integers(0, args.num_classes, args.batch))
     self.variables = jax.jit(self.model.init)(jax.random.PRNGKey(0), self.video[:1])
     self.compile_s = {}
+    self.cost = {}  # per call: {'bytes': bytes accessed, 'flops': FLOPs}, XLA's cost analysis
     self.times = {'forward': []}
     forward = jax.jit(lambda v, x: self.model.apply(v, x, train=False))
     self.calls = {'forward': self._compile('forward', forward, self.variables, self.video)}
@@ -80,6 +83,9 @@ class ModelTimer:
     start = time.perf_counter()
     compiled = fn.lower(*args).compile()
     self.compile_s[what] = time.perf_counter() - start
+    cost = compiled.cost_analysis()
+    self.cost[what] = {'bytes': float(cost.get('bytes accessed', 0.0)),
+                       'flops': float(cost.get('flops', 0.0))}
     return compiled
 
   def run(self, what: str, record: bool):
@@ -117,10 +123,16 @@ def main(argv=None):
   for timer in timers:
     print(f'{timer.name}: ' + ', '.join(
         f'{w} {timer.median_per_clip(w, args.batch) * 1e3:.1f} ms/clip' for w in whats))
+    print(f'{timer.name} XLA cost per clip: ' + ', '.join(
+        f'{w} {timer.cost[w]["bytes"] / args.batch / 2 ** 30:.3f} GiB accessed, '
+        f'{timer.cost[w]["flops"] / args.batch / 1e9:.1f} GFLOP' for w in whats))
   if args.compare:
     for what in whats:
       ratio = timers[0].median_per_clip(what, 1) / timers[1].median_per_clip(what, 1)
       print(f'time ratio {args.model} / {args.compare} ({what}): {ratio:.3f}')
+    for what in whats:
+      ratio = timers[0].cost[what]['bytes'] / timers[1].cost[what]['bytes']
+      print(f'bytes-accessed ratio {args.model} / {args.compare} ({what}): {ratio:.3f}')
 
 
 if __name__ == '__main__':
