@@ -93,11 +93,8 @@ def save_pretrained(directory: str, model_name: str, model_kwargs: Dict[str, Any
 
 
 def _variables_dir(directory: epath.Path) -> Optional[str]:
-  """The variables directory that ``directory/meta.json`` names (``variables`` if it predates
-  the field), or None without ``meta.json``."""
-  if not (directory / META_FILE).exists():
-    return None
-  return storage.read_json(directory / META_FILE).get('variables', VARIABLES_DIR)
+  """The variables directory that ``directory/meta.json`` names, or None without ``meta.json``."""
+  return read_meta(directory)['variables'] if (directory / META_FILE).exists() else None
 
 
 def _remove_leftovers(directory: epath.Path, keep: Optional[str]) -> None:

@@ -249,11 +249,11 @@ def test_data_code_leaves_the_devices_alone(tmp_path, monkeypatch):
   assert jax.devices() and jax.devices()[0].platform == jax.default_backend()
 
 
-def test_same_arguments_do_nothing_others_need_overwrite(dataset, tmp_path, capsys):
+def test_same_arguments_do_nothing_or_resume_others_need_overwrite(dataset, tmp_path, capsys):
   root = os.path.dirname(dataset['paths']['videos'])
   with open(os.path.join(root, synthetic.SPEC_FILE), encoding='utf-8') as f:
     record = json.load(f)
-  assert record['version'] == synthetic.VERSION and record['seed'] == 0
+  assert record['version'] == synthetic.VERSION and record['seed'] == 0 and record['complete']
   before = _files(root)
   again = _generate(root)  # the same arguments: up to date
   assert 'is up to date' in capsys.readouterr().out
@@ -265,7 +265,19 @@ def test_same_arguments_do_nothing_others_need_overwrite(dataset, tmp_path, caps
   shutil.copytree(root, copy)
   os.remove(copy / synthetic.SPEC_FILE)
   (copy / 'videos' / 'train' / 'stale.mp4').write_bytes(b'old')
-  with pytest.raises(SystemExit, match='unfinished synthetic dataset, or one older than version'):
+  older = rf'files of a synthetic dataset older than version {synthetic.VERSION} \(no synthetic'
+  with pytest.raises(SystemExit, match=older + r'\.json\); pass --overwrite'):
     _generate(copy)
   _generate(copy, overwrite=True)
+  assert _files(str(copy)) == before
+  # A stopped run of the same arguments resumes without --overwrite: a lost shard is written
+  # again, the others are kept, and the result is the same files.
+  with open(copy / synthetic.SPEC_FILE, 'w', encoding='utf-8') as f:
+    json.dump(dict(record, complete=False), f)
+  shard = sorted((copy / 'tfrecords').glob('train-*.tfrecord'))[0]
+  shard.unlink()
+  capsys.readouterr()
+  _generate(copy)
+  printed = capsys.readouterr().out
+  assert 'resuming the stopped run' in printed and 'resuming: 2 of 3 shards' in printed, printed
   assert _files(str(copy)) == before

@@ -430,7 +430,7 @@ def stop(where):
   print(where, flush=True)
   time.sleep(600)  # the test kills the process here
 
-if point == 'writing':  # orbax reads this array while writing variables.new
+if point == 'writing':  # orbax reads this array while writing variables.next
   class Slow:
     shape, dtype = (3,), np.float32
     def __array__(self, *args, **kwargs):

@@ -247,7 +247,7 @@ _LOAD = r"""
     from dtf_jax import pretrained
     model, remote = pretrained.load_pretrained({remote!r})
     _, local = pretrained.load_pretrained({local!r})
-    # A pretrained directory in the bucket, written, then replaced (renames in a bucket).
+    # A pretrained directory in the bucket, written, then replaced (no directory renames).
     meta, copy = pretrained.read_meta({remote!r}), {remote!r} + '_pretrained'
     zeros = jax.tree.map(np.zeros_like, remote)
     pretrained.save_pretrained(copy, meta['model'], meta['kwargs'], zeros)

@@ -25,10 +25,11 @@ Output in ``--output``:
   classes.txt                           class names, one per line (index = line)
   tfrecords/                            converter output (``dtf_jax.data.convert``): splits
                                         ``train`` and ``validation``, frames at the rendered size.
-  synthetic.json                        what was generated (``VERSION`` and the arguments),
-                                        written last: a run with the same arguments finds the
-                                        dataset up to date and does nothing; other arguments or
-                                        another version need ``--overwrite``, which replaces it.
+  synthetic.json                        what is generated (``VERSION``, the arguments and
+                                        ``complete``): a run with the same arguments finds the
+                                        dataset up to date and does nothing, or resumes one that
+                                        was stopped; other arguments or another version need
+                                        ``--overwrite``, which replaces the dataset.
 Clip ``i`` of a split is drawn from ``numpy.random.default_rng([seed, split_code, i])`` (train 0,
 validation 1) with label ``i % 8`` (balanced), so every file is determined by ``--seed`` and
 ``VERSION`` alone.
@@ -141,7 +142,8 @@ def render_clip(label: int, rng: np.random.Generator, frames: int = 16,
       r0 = rng.uniform(0.05, 0.08) * s
       radius = r0 * rng.uniform(2.0, 2.8) ** t
     else:
-      angle = angle[0] + rng.uniform(0.75, 1.25) * np.pi * t  # y points down: increasing = clockwise
+      # y points down: an increasing angle turns clockwise.
+      angle = angle[0] + rng.uniform(0.75, 1.25) * np.pi * t
 
   # Distractor: a darker disk on a straight random path (independent of the class).
   d_radius = np.float32(rng.uniform(0.04, 0.07) * s)
@@ -254,7 +256,7 @@ def generate(output_dir: str, num_train: int = 800, num_val: int = 200, frames: 
   spec = {'version': VERSION, 'num_train': num_train, 'num_val': num_val, 'frames': frames,
           'size': size, 'seed': seed, 'fps': fps, 'codec': codec, 'convert': convert,
           'videos_per_shard': videos_per_shard, 'jpeg_quality': jpeg_quality}
-  if _up_to_date(root, spec, overwrite):
+  if _up_to_date(root, spec, overwrite):  # else the record says: under way
     print(f'synthetic: {output_dir} is up to date (version {VERSION}, seed {seed}); nothing to do',
           flush=True)
     manifests = {split: storage.read_json(root / 'tfrecords' / f'{split}-manifest.json')
@@ -262,6 +264,8 @@ def generate(output_dir: str, num_train: int = 800, num_val: int = 200, frames: 
     return {'paths': paths, 'timing': {'videos': 0.0, 'convert': 0.0, 'total': 0.0},
             'bytes': {'videos': _du(video_root), 'tfrecords': _du(paths['tfrecords'])},
             'codec': codec, 'manifests': manifests}
+  root.mkdir(parents=True, exist_ok=True)
+  storage.write_json(root / SPEC_FILE, dict(spec, complete=False), sort_keys=True)
   counts = {'train': num_train, 'validation': num_val}
   tasks, total = [], 0
   for split, code, list_name in SPLITS:
@@ -307,14 +311,14 @@ def generate(output_dir: str, num_train: int = 800, num_val: int = 200, frames: 
     storage.path(out).mkdir(parents=True, exist_ok=True)
     opts = convert_lib.EncodeOptions(short_side=0, jpeg_quality=jpeg_quality, min_frames=frames)
     with convert_lib.output_lock(out):  # as the converter's command line holds it
-      convert_lib.write_label_map(out, classes, overwrite)
+      convert_lib.write_label_map(out, classes)
       for split, items in splits.items():
         num_shards = max(1, math.ceil(len(items) / videos_per_shard))
         manifests[split] = convert_lib.convert_split(
             split, items, out, opts, num_shards, seed=seed, workers=convert_workers,
-            overwrite=overwrite, progress_interval=progress_interval,
+            progress_interval=progress_interval,
             extra_manifest={'format': 'synthetic', 'num_classes': len(classes)})
-  storage.write_json(root / SPEC_FILE, spec, sort_keys=True)  # last: the dataset is complete
+  storage.write_json(root / SPEC_FILE, dict(spec, complete=True), sort_keys=True)
   t_total = time.monotonic() - start
   timing = {'videos': t_videos, 'convert': t_total - t_videos, 'total': t_total}
   sizes = {'videos': _du(video_root), 'tfrecords': _du(paths['tfrecords'])}
@@ -325,24 +329,30 @@ def generate(output_dir: str, num_train: int = 800, num_val: int = 200, frames: 
 
 
 def _up_to_date(root, spec: Dict, overwrite: bool) -> bool:
-  """True if ``root`` holds the complete dataset of ``spec``. Otherwise, with ``overwrite``, what
-  an earlier run left there is removed; without it, earlier files are an error naming them."""
+  """True if ``root`` holds the complete dataset of ``spec``; False if it holds none, or a stopped
+  run of ``spec`` (which resumes: the clips are rendered again, the converter keeps its finished
+  shards). Files of other arguments or of another version are removed with ``overwrite``, and
+  an error naming them without it."""
   record = root / SPEC_FILE
   old = storage.read_json(record) if record.exists() else None
+  complete = old.pop('complete', False) if old is not None else False
   if old == spec:
-    return True
+    if complete:
+      return True
+    print(f'synthetic: resuming the stopped run in {root}', flush=True)
+    return False
   if old is not None:
     found = 'a synthetic dataset of other settings (' + ', '.join(
         f'{k} {old.get(k)} -> {spec[k]}' for k in sorted(spec) if old.get(k) != spec[k]) + ')'
   elif any((root / name).exists() for name in ('videos', 'tfrecords')):
-    found = f'an unfinished synthetic dataset, or one older than version {VERSION}'
+    found = f'files of a synthetic dataset older than version {VERSION} (no {SPEC_FILE})'
   else:
     return False
   if not overwrite:
     raise SystemExit(f'{root} holds {found}; pass --overwrite to replace it.')
   print(f'synthetic: replacing {found} in {root}', flush=True)
   if old is not None:
-    record.unlink()
+    record.unlink()  # first: a record never describes files that are gone
   for name in ('videos', 'tfrecords'):
     if (root / name).exists():
       (root / name).rmtree()
@@ -387,7 +397,7 @@ def parse_args(argv: Optional[List[str]] = None):
   parser.add_argument('--overwrite', action='store_true',
                       help='replace a dataset written earlier with other arguments or by another '
                            'version (without it, that is an error; the same arguments again find '
-                           'the dataset up to date and do nothing).')
+                           'the dataset up to date and do nothing, or resume a stopped run).')
   args = parser.parse_args(argv)
   if args.num_train < 0 or args.num_val < 0 or args.frames < 2 or args.workers < 1 \
       or args.convert_workers < 1:
