@@ -13,7 +13,7 @@ What is counted, per op (one MAC = one real multiply-add):
   ``dtf_jax.layers.spectral`` computes them; an XLA ``fft`` op is counted the same way);
 * ``dtf_elementwise``: the frame-wise correlation and aggregation (one MAC per product, ``K2 C``
   per location each) and the complex modulation (4 per complex product). These are the
-  multiplies traced under :data:`dtf_jax.layers.dtf.COUNTED_SCOPE`.
+  multiplies traced under :data:`dtf_jax.layers.aggregation.COUNTED_SCOPE`.
 
 Normalisations, activations, softmax, pooling and additions are not counted (as in the usual
 counters). ``conventions`` gives the weight of each category in a total; ``'paper'`` is how the
@@ -27,7 +27,8 @@ import jax
 import numpy as np
 from jax.extend import core as jex_core
 
-from dtf_jax.layers.dtf import COUNTED_SCOPE, MIXING_SCOPE
+from dtf_jax.layers.aggregation import COUNTED_SCOPE
+from dtf_jax.layers.dtf import MIXING_SCOPE
 from dtf_jax.layers.spectral import DFT_SCOPE
 
 CATEGORIES = ('conv', 'linear', 'attention', 'dtf_estimator', 'dtf_mixing', 'dtf_fft',

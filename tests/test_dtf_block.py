@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dtf_jax.layers.dtf import DTFBlock, frame_aggregation, frame_correlation
+from dtf_jax.layers.aggregation import frame_aggregation, frame_correlation
+from dtf_jax.layers.dtf import DTFBlock
 from dtf_jax.layers.spectral import DFT_SCOPE, irfft_time, rfft_time
 from dtf_jax.models import create_model
 

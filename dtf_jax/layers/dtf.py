@@ -16,135 +16,18 @@ expansion factor. The semantics are those of the official implementation (see SP
 5. ``irfft`` back to time and a residual: ``out = x + irfft(...) + bias``.
 """
 
-import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dtf_jax.layers.aggregation import COUNTED_SCOPE, FA_IMPLS, frame_wise_aggregation
 from dtf_jax.layers.norm import BatchNorm
 from dtf_jax.layers.spectral import irfft_time, rfft_time
 
-# Multiply-adds under this scope are elementwise ones that the FLOP counter should see
-# (see dtf_jax/flops.py); plain elementwise ops elsewhere are not counted.
-COUNTED_SCOPE = 'counted_macs'
 # The complex channel mixing runs as a real matmul under this scope (counted as 'dtf_mixing').
 MIXING_SCOPE = 'complex_mixing'
-
-
-# The K x K neighbourhood ops below are written as K2 shifted slices of one zero-padded tensor.
-# Neighbour k = (i, j) of location (h, w) is (h + i - K//2, w + j - K//2). The two primitives,
-# neighbour_dots and neighbour_sum, have hand-written VJPs built from each other and from
-# neighbour_scatter, so both passes hold O(1) copies of the feature map; the K2 dot products run
-# as a loop so that no K2-fold copy is ever live.
-
-
-def _pad_space(x, kernel_size):
-  p = kernel_size // 2
-  return jnp.pad(x, ((0, 0), (0, 0), (p, p), (p, p), (0, 0)))
-
-
-def _slice_neighbour(padded, k, kernel_size, shape):
-  i, j = k // kernel_size, k % kernel_size
-  return jax.lax.dynamic_slice(padded, (0, 0, i, j, 0), shape)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def neighbour_dots(a, x, kernel_size: int):
-  """``out[..., h, w, k] = sum_c a[..., h, w, c] * x[..., h+i-K//2, w+j-K//2, c]`` (zero padded).
-
-  ``a, x: B T H W C -> B T H W K2`` (float32 accumulation).
-  """
-  padded = _pad_space(x, kernel_size)
-
-  def one_neighbour(_, k):
-    n = _slice_neighbour(padded, k, kernel_size, x.shape)
-    with jax.named_scope(COUNTED_SCOPE):
-      return None, jnp.sum(a * n, axis=-1, dtype=jnp.promote_types(a.dtype, jnp.float32))
-
-  _, out = jax.lax.scan(one_neighbour, None, jnp.arange(kernel_size ** 2))
-  return jnp.moveaxis(out, 0, -1)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def neighbour_sum(w, x, kernel_size: int):
-  """``out[..., h, w, c] = sum_k w[..., h, w, k] * x[..., h+i-K//2, w+j-K//2, c]``.
-
-  ``w: B T H W K2``, ``x: B T H W C -> B T H W C``.
-  """
-  _, _, height, width, _ = x.shape
-  padded = _pad_space(x, kernel_size)
-  out = 0
-  with jax.named_scope(COUNTED_SCOPE):
-    for k in range(kernel_size ** 2):
-      i, j = k // kernel_size, k % kernel_size
-      out = out + w[..., k:k + 1] * padded[:, :, i:i + height, j:j + width, :]
-  return out.astype(x.dtype)
-
-
-def neighbour_scatter(w, g, kernel_size: int):
-  """Transpose of :func:`neighbour_sum` in ``x``: each ``w_k g`` is added back at the location
-  of neighbour ``k``: ``out[h', w'] = sum_k (w_k g)[h' - i + K//2, w' - j + K//2]``.
-
-  ``w: B T H W K2``, ``g: B T H W C -> B T H W C``.
-  """
-  _, _, height, width, _ = g.shape
-  w_padded, g_padded = _pad_space(w, kernel_size), _pad_space(g, kernel_size)
-  out = 0
-  for k in range(kernel_size ** 2):
-    a, b = kernel_size - 1 - k // kernel_size, kernel_size - 1 - k % kernel_size
-    out = out + (w_padded[:, :, a:a + height, b:b + width, k:k + 1]
-                 * g_padded[:, :, a:a + height, b:b + width, :])
-  return out.astype(g.dtype)
-
-
-def _dots_fwd(a, x, kernel_size):
-  return neighbour_dots(a, x, kernel_size), (a, x)
-
-
-def _dots_bwd(kernel_size, residuals, g):
-  a, x = residuals
-  g = g.astype(a.dtype)
-  return neighbour_sum(g, x, kernel_size), neighbour_scatter(g, a, kernel_size)
-
-
-def _sum_fwd(w, x, kernel_size):
-  return neighbour_sum(w, x, kernel_size), (w, x)
-
-
-def _sum_bwd(kernel_size, residuals, g):
-  w, x = residuals
-  dw = neighbour_dots(g.astype(x.dtype), x, kernel_size).astype(w.dtype)
-  return dw, neighbour_scatter(w, g, kernel_size)
-
-
-neighbour_dots.defvjp(_dots_fwd, _dots_bwd)
-neighbour_sum.defvjp(_sum_fwd, _sum_bwd)
-
-
-def frame_correlation(x, kernel_size: int):
-  """Correlation of each location with its ``K x K`` neighbours.  ``B T H W C -> B T H W K2`` (f32).
-
-  ``out[b, t, h, w, i*K + j] = mean_c x[b, max(t-1, 0), h, w, c] * x[b, t, h+i-K//2, w+j-K//2, c]``
-  with zeros outside the frame (the official fixed weights are ``1 / C``).
-  """
-  query = jnp.concatenate([x[:, :1], x[:, :-1]], axis=1)
-  return neighbour_dots(query, x, kernel_size) / x.shape[-1]
-
-
-def frame_aggregation(x, attention, kernel_size: int):
-  """Attention-weighted sum over each ``K x K`` neighbourhood.
-
-  ``x: B T H W C``, ``attention: B T H W K2`` -> ``B T H W C``. No ``K2``-fold copy of the
-  feature map is built (see :func:`neighbour_sum`).
-  """
-  return neighbour_sum(attention.astype(x.dtype), x, kernel_size)
-
-
-def shift_to_previous_frame(x):
-  """``y[:, t] = x[:, t + 1]`` for ``t < T - 1`` and ``y[:, T - 1] = 0``.  ``B T ... -> B T ...``."""
-  return jnp.concatenate([x[:, 1:], jnp.zeros_like(x[:, :1])], axis=1)
 
 
 def expand_filter(g, channels: int, num_bins: int, group_factor: int):
@@ -180,16 +63,21 @@ class DTFBlock(nn.Module):
     group_factor: ``G``; ``C * (T//2 + 1) * 2`` must be divisible by it.
     dtype: compute dtype of the spatial part; the spectral part (DFTs, modulation, mixing, norm)
       always runs in float32.
+    fa_impl: implementation of the frame-wise aggregation, one of
+      ``dtf_jax.layers.aggregation.FA_IMPLS`` (same values; ``'auto'`` picks per backend).
   """
   kernel_size: int = 3
   group_factor: int = 16
   dtype: Any = jnp.float32
+  fa_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     _, time, _, _, channels = x.shape
     k2 = self.kernel_size ** 2
     bins = time // 2 + 1
+    if self.fa_impl not in FA_IMPLS:
+      raise ValueError(f'DTFBlock: fa_impl={self.fa_impl!r} is not one of {FA_IMPLS}.')
     if (channels * bins * 2) % self.group_factor:
       raise ValueError(
           f'DTFBlock: channels * (T//2 + 1) * 2 = {channels} * {bins} * 2 must be divisible by the '
@@ -198,9 +86,7 @@ class DTFBlock(nn.Module):
     x = x.astype(self.dtype)
 
     # 1. Frame-wise aggregation.
-    corr = frame_correlation(x, self.kernel_size)
-    attention = jax.nn.softmax(corr, axis=-1).astype(self.dtype)
-    aggregated = x + shift_to_previous_frame(frame_aggregation(x, attention, self.kernel_size))
+    aggregated, corr = frame_wise_aggregation(x, self.kernel_size, self.fa_impl)
 
     # 2. Spectrum along time.
     s_re, s_im = rfft_time(aggregated)  # float32

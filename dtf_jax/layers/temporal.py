@@ -4,6 +4,7 @@ Every temporal module maps ``B T H W C -> B T H W C`` and is called as ``module(
 The backbones build them with :func:`make_temporal`; ``'none'`` gives the plain C2D backbone.
 """
 
+import dataclasses
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -16,9 +17,16 @@ TEMPORAL_MODULES = {
 }
 
 
-def make_temporal(kind: str, *, dtype: Any, name: str) -> Optional[nn.Module]:
-  """Builds the temporal module ``kind`` (``None`` for ``'none'``)."""
+def make_temporal(kind: str, *, dtype: Any, name: str, **options: Any) -> Optional[nn.Module]:
+  """Builds the temporal module ``kind`` (``None`` for ``'none'``).
+
+  ``options`` are the backbone's settings for temporal modules (e.g. ``fa_impl``); each module
+  takes those that are its attributes and ignores the others.
+  """
   if kind not in TEMPORAL_MODULES:
     raise ValueError(f'Unknown temporal module {kind!r}; known: {sorted(TEMPORAL_MODULES)}.')
   cls = TEMPORAL_MODULES[kind]
-  return None if cls is None else cls(dtype=dtype, name=name)
+  if cls is None:
+    return None
+  fields = {f.name for f in dataclasses.fields(cls)}
+  return cls(dtype=dtype, name=name, **{k: v for k, v in options.items() if k in fields})

@@ -29,6 +29,7 @@ class Bottleneck(nn.Module):
   temporal: str
   drop_path_rate: float
   dtype: Any
+  fa_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -39,7 +40,8 @@ class Bottleneck(nn.Module):
 
     out = nn.relu(norm('bn1')(conv(self.planes, 1, 1, 'conv1')(x), train))
     out = conv(self.planes, 3, self.stride, 'conv2')(out)
-    temporal = make_temporal(self.temporal, dtype=self.dtype, name='temporal')
+    temporal = make_temporal(self.temporal, dtype=self.dtype, name='temporal',
+                             fa_impl=self.fa_impl)
     if temporal is not None:
       out = temporal(out, train=train)
     out = nn.relu(norm('bn2')(out, train))
@@ -67,6 +69,8 @@ class ResNet(nn.Module):
     dropout_rate: dropout before the classifier.
     drop_path_rate: stochastic depth, linearly increasing over blocks (0 in the official models).
     dtype: compute dtype (parameters stay float32).
+    fa_impl: implementation of the DTF block's frame-wise aggregation (``'auto'``, ``'scan'``,
+      ``'xla'``, ``'pallas'``; see ``dtf_jax.layers.aggregation``); the same values in each.
   """
   stage_sizes: Sequence[int]
   num_classes: int
@@ -78,6 +82,7 @@ class ResNet(nn.Module):
   dropout_rate: float = 0.5
   drop_path_rate: float = 0.0
   dtype: Any = jnp.float32
+  fa_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, video, train: bool = False):
@@ -108,6 +113,7 @@ class ResNet(nn.Module):
             temporal=self.temporal if (s + 1) in self.dtf_stages else 'none',
             drop_path_rate=self.drop_path_rate * index / max(num_blocks - 1, 1),
             dtype=self.dtype,
+            fa_impl=self.fa_impl,
             name=f'stage{s + 1}_block{b}')(x, train)
         index += 1
 

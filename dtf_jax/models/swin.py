@@ -106,6 +106,7 @@ class SwinBlock(nn.Module):
   mlp_ratio: float
   drop_path_rate: float
   dtype: Any
+  fa_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -125,7 +126,8 @@ class SwinBlock(nn.Module):
       y = jnp.roll(y, (self.shift, self.shift), axis=(1, 2))
     x = x + drop_path(y, train)
 
-    temporal = make_temporal(self.temporal, dtype=self.dtype, name='temporal')
+    temporal = make_temporal(self.temporal, dtype=self.dtype, name='temporal',
+                             fa_impl=self.fa_impl)
     if temporal is not None:
       x = x.reshape(n // self.clip_steps, self.clip_steps, h, w, dim)
       x = temporal(x, train=train).reshape(n, h, w, dim)
@@ -170,6 +172,8 @@ class SwinTransformer(nn.Module):
     dropout_rate: dropout before the classifier.
     drop_path_rate: stochastic depth, linear from 0 over all blocks (Swin-B: 0.5).
     dtype: compute dtype (parameters stay float32).
+    fa_impl: implementation of the DTF block's frame-wise aggregation (``'auto'``, ``'scan'``,
+      ``'xla'``, ``'pallas'``; see ``dtf_jax.layers.aggregation``); the same values in each.
   """
   num_classes: int
   clip_length: int
@@ -186,6 +190,7 @@ class SwinTransformer(nn.Module):
   dropout_rate: float = 0.0
   drop_path_rate: float = 0.5
   dtype: Any = jnp.float32
+  fa_impl: str = 'auto'
 
   def check_image_size(self):
     """Raises ``ValueError`` unless every stage's token map splits into whole windows."""
@@ -233,7 +238,8 @@ class SwinTransformer(nn.Module):
         x = SwinBlock(num_heads=heads, window=window, shift=shift, clip_steps=steps,
                       temporal=self.temporal if shift == 0 else 'none',
                       mlp_ratio=self.mlp_ratio, drop_path_rate=float(rates[index]),
-                      dtype=self.dtype, name=f'stage{s + 1}_block{b}')(x, train)
+                      dtype=self.dtype, fa_impl=self.fa_impl,
+                      name=f'stage{s + 1}_block{b}')(x, train)
         index += 1
       if s < len(self.depths) - 1:
         x = PatchMerging(self.dtype, name=f'stage{s + 1}_merge')(x)
