@@ -54,6 +54,8 @@ def get_base_config(dataset: str = 'k400') -> ml_collections.ConfigDict:
   c.model.name = 'dtf_r50'         # dtf_jax.models.list_models()
   c.model.dropout_rate = 0.5       # before the classifier
   c.model.drop_path_rate = 0.0     # stochastic depth
+  c.model.remat = 'none'           # recomputed in the backward pass to save memory: 'none',
+                                   # 'block' (each bottleneck / Swin block), 'dtf' (DTF blocks)
   # Any other create_model argument may be added by a config (e.g. early_stride, width).
   c.compute_dtype = 'bfloat16'     # activations; parameters and optimizer state stay float32
 

@@ -41,6 +41,8 @@ def _init_shapes(model):
     ('dtf_r50', dict(stage_sizes=()), r'stage_sizes=\(\) .*non-empty'),
     ('dtf_r50', dict(dtf_stages=(5,)), r'dtf_stages=\(5,\) .*in 1\.\.4'),
     ('dtf_r50', dict(temporal='tsm'), r"temporal='tsm' .*one of \['dtf', 'none'\]"),
+    ('dtf_r50', dict(remat='all'), r"remat='all' .*one of \('none', 'block', 'dtf'\)"),
+    ('c2d_swin_t', dict(TINY_SWIN, remat=True), r"remat=True .*one of \('none', 'block', 'dtf'\)"),
     ('dtf_swin_t', dict(TINY_SWIN, window_size=0), r'window_size=0 .*positive int'),
     ('dtf_swin_t', dict(TINY_SWIN, window_size=(2, 7, 7)), r'window_size=\(2, 7, 7\) .*int'),
     ('dtf_swin_t', dict(TINY_SWIN, image_size=0), r'image_size=0 .*positive int'),

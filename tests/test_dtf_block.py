@@ -110,10 +110,11 @@ def test_block_matches_numpy_reference_eval(time, height, width, group_factor):
   np.testing.assert_allclose(np.asarray(y), ref, atol=ATOL, rtol=RTOL)
 
 
-@pytest.mark.parametrize('time', [4, 5, 8])
-def test_block_matches_numpy_reference_train(time):
+@pytest.mark.parametrize('time,fa_impl', [(4, 'auto'), (5, 'auto'), (8, 'auto'),
+                                          (5, 'xla'), (5, 'pallas')])
+def test_block_matches_numpy_reference_train(time, fa_impl):
   x = _random_input((2, time, 6, 5, 16), seed=100 + time)
-  block = DTFBlock()
+  block = DTFBlock(fa_impl=fa_impl)
   variables = _random_variables(block, x, seed=200 + time)
   y, updates = _train(block, variables, x)
   ref, ref_mean, ref_var = dtf_block_numpy(_to_official(x), **_numpy_args(variables), train=True)

@@ -327,6 +327,60 @@ def test_bfloat16_params_stay_float32_and_compute_is_bf16(built):
 
 
 # --------------------------------------------------------------------------------------------
+# Rematerialisation (remat)
+# --------------------------------------------------------------------------------------------
+
+# family -> (name, tiny kwargs, frame size): the smallest models with a DTF block and dropout /
+# stochastic depth on (dtf_swin_t: drop_path_rate 0.2; the ResNets: dropout 0.5).
+REMAT_CASES = {
+    'resnet': ('dtf_r50', dict(RESNET_KW, stage_sizes=(1, 1), dtf_stages=(2,)), 32),
+    'swin': ('dtf_swin_t', dict(num_classes=10, clip_length=8, image_size=32, window_size=4,
+                                embed_dim=16, depths=(2,), num_heads=(1,)), 32),
+}
+
+
+def _checkpoints(jaxpr) -> int:
+  """Rematerialised calls (``jax.checkpoint``'s equations) at the top level of ``jaxpr``."""
+  return sum(eqn.primitive.name in ('remat2', 'checkpoint') for eqn in jaxpr.jaxpr.eqns)
+
+
+@pytest.mark.parametrize('family', sorted(REMAT_CASES))
+def test_remat_same_variables_gradients_and_batch_stats(family):
+  """remat 'block' and 'dtf' wrap what they name, keep the variable tree of 'none' (checkpoints
+  and pretrained weights load either way) and give its gradients and batch statistics (float32,
+  train=True, dropout / stochastic depth on, the DTF branch active)."""
+  name, kwargs, size = REMAT_CASES[family]
+  video = jnp.asarray(np.random.default_rng(0).standard_normal((2, 8, size, size, 3)),
+                      jnp.float32)
+  models = {r: create_model(name, remat=r, **kwargs) for r in ('none', 'block', 'dtf')}
+  variables = _randomize_temporal(jax.jit(models['none'].init)(_init_key(), video[:1]), 0)
+  signature = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype), tree)  # noqa: E731
+  blocks = {'block': sum(kwargs.get('stage_sizes', kwargs.get('depths'))),
+            'dtf': len(_temporal_blocks(variables['params'])), 'none': 0}
+  grads = {}
+  for remat, model in models.items():
+    assert signature(jax.eval_shape(model.init, _init_key(), video[:1])) == signature(variables)
+
+    def loss(params, model=model):
+      logits, updates = model.apply(
+          {'params': params, 'batch_stats': variables['batch_stats']}, video, train=True,
+          mutable=['batch_stats'], rngs={'dropout': jax.random.key(2, impl='rbg')})
+      return jnp.sum(logits * jnp.arange(logits.shape[-1])), updates
+    assert _checkpoints(jax.make_jaxpr(loss)(variables['params'])) == blocks[remat], remat
+    grads[remat] = jax.jit(jax.grad(loss, has_aux=True))(variables['params'])
+  assert blocks['dtf'] > 0
+  for remat in ('block', 'dtf'):
+    flat, ref = _flat(grads[remat][0]), _flat(grads['none'][0])
+    assert flat.keys() == ref.keys()
+    for path in ref:  # relative to each leaf's size (some DTF gradients are tiny)
+      np.testing.assert_allclose(flat[path], ref[path], rtol=1e-5,
+                                 atol=1e-5 * float(np.abs(ref[path]).max()) + 1e-12,
+                                 err_msg=f'{remat} {path}')
+    for path, value in _flat(grads['none'][1]).items():
+      np.testing.assert_allclose(_flat(grads[remat][1])[path], value, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
 # Batch norm (PyTorch semantics)
 # --------------------------------------------------------------------------------------------
 

@@ -40,6 +40,9 @@ STATS_TOL = 1e-3
 TINY_SWIN = dict(image_size=64, window_size=4, embed_dim=32, depths=(2, 2, 2, 2),
                  num_heads=(1, 2, 4, 8), drop_path_rate=0.0)
 TINY_SWIN_CLIP, TINY_SWIN_CLASSES = 8, 10
+# The frame-wise aggregation implementation of the models under test ('auto' unless set, e.g.
+# by experiments/gpu_benchmarks.sh, which runs these tests once per implementation).
+FA_IMPL = os.environ.get('DTF_TEST_FA_IMPL', 'auto')
 
 
 def _video(shape, seed):
@@ -107,7 +110,8 @@ def dtf_r50():
   ref = randomize_(ReferenceResNet(dropout=0.0), seed=1, calib_input=video).eval()
   sd = _clone_sd(ref)
   variables = convert_official_state_dict('dtf_r50', sd, num_classes=400, clip_length=16)
-  model = create_model('dtf_r50', num_classes=400, clip_length=16, dropout_rate=0.0)
+  model = create_model('dtf_r50', num_classes=400, clip_length=16, dropout_rate=0.0,
+                       fa_impl=FA_IMPL)
   return ref, sd, model, variables, video
 
 
@@ -119,7 +123,7 @@ def _tiny_swin(dtf: bool, seed: int):
   ref = randomize_(ref, seed=seed + 1, calib_input=video).eval()
   name = 'dtf_swin_t' if dtf else 'c2d_swin_t'
   model = create_model(name, num_classes=TINY_SWIN_CLASSES, clip_length=TINY_SWIN_CLIP,
-                       **TINY_SWIN)
+                       fa_impl=FA_IMPL, **TINY_SWIN)
   return ref, _clone_sd(ref), model, video
 
 
@@ -208,6 +212,18 @@ def test_dtf_swin_parity_eval_and_train(dtf_swin):
   after = _convert_swin('dtf_swin_t', _clone_sd(ref))
   _compare_stats('dtf_swin tiny train', updates['batch_stats'], after['batch_stats'],
                  variables['batch_stats'])
+
+
+@pytest.mark.parametrize('fa_impl', ['xla', 'pallas'])
+def test_dtf_swin_parity_other_fa_impls(dtf_swin, fa_impl):
+  """Every frame-wise aggregation implementation gives the reference's logits (train mode, so
+  the spectrum norm uses the batch statistics of the aggregated features)."""
+  ref, sd, model, video = dtf_swin
+  variables = _convert_swin('dtf_swin_t', sd)
+  with torch.no_grad():
+    want = copy.deepcopy(ref).train()(video)
+  logits, _ = _jit_train(model.clone(fa_impl=fa_impl), variables, _to_jax(video))
+  _logit_diff(f'dtf_swin tiny train, fa_impl {fa_impl}', logits, want)
 
 
 def test_c2d_swin_parity_eval():

@@ -120,14 +120,47 @@ def random_resized_crop_window(image_hw: tf.Tensor, area_range: Tuple[float, flo
   return tf.stack([begin[0], begin[1], crop_size[0], crop_size[1]])
 
 
-def decode_frames(frames: tf.Tensor, is_jpeg: bool,
-                  window: Optional[tf.Tensor] = None) -> tf.Tensor:
+DCT_METHODS = ('INTEGER_ACCURATE', 'INTEGER_FAST')
+
+
+def check_dct_method(dct_method: str) -> None:
+  """Raises ``ValueError`` unless ``dct_method`` is one of ``DCT_METHODS``."""
+  if dct_method not in DCT_METHODS:
+    raise ValueError(f'dct_method must be one of {DCT_METHODS}, got {dct_method!r}')
+
+
+def decode_jpeg_window(frame: tf.Tensor, window: tf.Tensor,
+                       dct_method: str = 'INTEGER_ACCURATE') -> tf.Tensor:
+  """JPEG -> uint8 ``h w 3`` inside ``window`` ``[y, x, h, w]``, equal to decoding the whole frame
+  and cropping it, at the cost of decoding about the window only.
+
+  ``decode_and_crop_jpeg`` alone is not exact: libjpeg-turbo upsamples the chroma of the cropped
+  region as if its right edge were the image's, which changes the last column by up to ~14 levels
+  (in about 40% of random windows of 4:2:0 frames). The window is therefore decoded one column
+  wider on each side (inside the frame) and those columns are dropped."""
+  width = tf.io.extract_jpeg_shape(frame)[1]
+  x0 = tf.maximum(window[1] - 1, 0)
+  x1 = tf.minimum(window[1] + window[3] + 1, width)
+  image = tf.io.decode_and_crop_jpeg(frame, tf.stack([window[0], x0, window[2], x1 - x0]),
+                                     channels=3, dct_method=dct_method)
+  return image[:, window[1] - x0:window[1] - x0 + window[3]]
+
+
+def decode_frames(frames: tf.Tensor, is_jpeg: bool, window: Optional[tf.Tensor] = None,
+                  dct_method: str = 'INTEGER_ACCURATE') -> tf.Tensor:
   """Encoded frames [T] -> uint8 ``T h w 3``, cropped to ``window`` ``[y, x, h, w]`` if given.
 
-  JPEGs are decoded only inside the window (``decode_and_crop_jpeg``)."""
+  JPEGs are decoded only about the window (``decode_jpeg_window``, exact). ``dct_method``:
+  ``'INTEGER_ACCURATE'`` (libjpeg's exact ISLOW inverse DCT, as PIL and so torchvision decode) or
+  ``'INTEGER_FAST'`` (IFAST: pixel values off by 1 level on average, at most ~7, and no faster
+  with libjpeg-turbo's SIMD code; see README). Other formats ignore it."""
+  check_dct_method(dct_method)
+
   def decode(frame):
-    if is_jpeg and window is not None:
-      return tf.io.decode_and_crop_jpeg(frame, window, channels=3, dct_method='INTEGER_FAST')
+    if is_jpeg:
+      if window is not None:
+        return decode_jpeg_window(frame, window, dct_method)
+      return tf.io.decode_jpeg(frame, channels=3, dct_method=dct_method)
     image = tf.io.decode_image(frame, channels=3, expand_animations=False)
     if window is not None:
       image = image[window[0]:window[0] + window[2], window[1]:window[1] + window[3]]
@@ -181,12 +214,20 @@ def flip_pairs_table(num_classes: int, pairs: Sequence[Tuple[int, int]]) -> tf.T
   return tf.constant(table, tf.int32)
 
 
+def flip_left_right(clip: tf.Tensor) -> tf.Tensor:
+  """``... H W C`` -> the same reversed along ``W``. (``tf.reverse`` of the 4-D clip is about
+  twice as slow as this 3-D view of it on CPU.)"""
+  shape = tf.shape(clip)
+  rows = tf.reshape(clip, tf.stack([-1, shape[-2], shape[-1]]))
+  return tf.reshape(tf.reverse(rows, axis=[1]), shape)
+
+
 def random_flip(clip: tf.Tensor, label: tf.Tensor, seed: tf.Tensor,
                 label_table: Optional[tf.Tensor] = None) -> Tuple[tf.Tensor, tf.Tensor]:
   """Flips ``T H W C`` left-right with probability 1/2, all frames alike; a flipped clip's label
   goes through ``label_table`` (``flip_pairs_table``) when given."""
   flip = tf.random.stateless_uniform([], seed) < 0.5
-  clip = tf.cond(flip, lambda: tf.reverse(clip, axis=[2]), lambda: clip)
+  clip = tf.cond(flip, lambda: flip_left_right(clip), lambda: clip)
   if label_table is not None:
     label = tf.where(flip & (label >= 0), tf.gather(label_table, tf.maximum(label, 0)), label)
   return clip, label
@@ -357,7 +398,16 @@ def random_gaussian_blur(clip: tf.Tensor, seed: tf.Tensor, prob: float = 0.5,
 
 def normalize(clip: tf.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
               std: Sequence[float] = IMAGENET_STD, dtype=tf.float32) -> tf.Tensor:
-  """Pixel values 0..255 -> ``(x / 255 - mean) / std`` per channel, cast to ``dtype``."""
-  scale = 1.0 / (255.0 * tf.constant(std, tf.float32))
-  offset = -tf.constant(mean, tf.float32) / tf.constant(std, tf.float32)
-  return tf.cast(tf.cast(clip, tf.float32) * scale + offset, dtype)
+  """Pixel values 0..255 ``... W C`` -> ``(x / 255 - mean) / std`` per channel, cast to ``dtype``.
+
+  Computed as ``x * scale + offset`` with ``scale`` and ``offset`` tiled along ``W`` and each
+  image row a vector of ``W C`` values: the same float32 operations as broadcasting them over
+  ``C`` (bitwise), about 4x faster on CPU than Eigen's broadcast over a last axis of 3."""
+  clip = tf.cast(clip, tf.float32)
+  std = tf.constant(std, tf.float32)
+  scale = 1.0 / (255.0 * std)
+  offset = -tf.constant(mean, tf.float32) / std
+  shape = tf.shape(clip)
+  rows = tf.reshape(clip, tf.stack([-1, shape[-2] * shape[-1]]))
+  rows = rows * tf.tile(scale, shape[-2:-1]) + tf.tile(offset, shape[-2:-1])
+  return tf.cast(tf.reshape(rows, shape), dtype)

@@ -274,6 +274,7 @@ def train_dataset(source: VideoSource, *, batch_size: int, clip_length: int, str
                   blur_prob: float = 0.0, blur_sigma: Tuple[float, float] = (0.1, 2.0),
                   shuffle_buffer: int = 1024, seed: int = 0,
                   start_index: int = 0, dtype=tf.float32, prefetch: int = 2,
+                  dct_method: str = 'INTEGER_ACCURATE',
                   process_index: Optional[int] = None) -> tf.data.Dataset:
   """Endless stream of batches ``{'video': B T size size 3 (dtype), 'label': B int32}``.
 
@@ -288,8 +289,11 @@ def train_dataset(source: VideoSource, *, batch_size: int, clip_length: int, str
     DTF/SIFA recipe (``configs/base.py``): ``crop='random_resized_crop'``,
     ``colour_jitter=(0.4, 0.4, 0.4, 0.1)``, ``colour_jitter_prob=0.8``, ``grayscale_prob=0.2``,
     ``blur_prob=0.5``, ``blur_sigma=(0.1, 2.0)``.
+  dct_method: JPEG inverse DCT of ``ops.decode_frames``: ``'INTEGER_ACCURATE'`` (exact, the
+    default) or ``'INTEGER_FAST'`` (approximate; README, "Input pipelines").
   """
   _check(clip_length, stride, size)
+  ops.check_dct_method(dct_method)
   if crop not in TRAIN_CROPS:
     raise ValueError(f'crop must be one of {TRAIN_CROPS}, got {crop!r}')
   if flip not in FLIP_MODES:
@@ -328,7 +332,8 @@ def train_dataset(source: VideoSource, *, batch_size: int, clip_length: int, str
       window = ops.scale_jitter_window(image_hw, size, scale_range, seeds[1])
     else:
       window = ops.random_resized_crop_window(image_hw, area_range, aspect_range, seeds[1])
-    clip = ops.resize_clip(ops.decode_frames(frames, source.is_jpeg, window), size, size)
+    clip = ops.resize_clip(ops.decode_frames(frames, source.is_jpeg, window, dct_method),
+                           size, size)
     label = record['label']
     # The released order is crop, colour jitter, grayscale, blur, flip; the flip commutes with
     # the colour ops (per pixel, or per frame for contrast's mean) and with the blur (a symmetric
@@ -364,10 +369,13 @@ class EvalData:
 
 def eval_dataset(source: VideoSource, *, batch_size: int, clip_length: int, stride: int = 1,
                  size: int = 224, num_clips: int = 1, num_crops: int = 1, dtype=tf.float32,
-                 prefetch: int = 2, process_index: Optional[int] = None) -> EvalData:
+                 prefetch: int = 2, dct_method: str = 'INTEGER_ACCURATE',
+                 process_index: Optional[int] = None) -> EvalData:
   """Every video of this process as ``num_clips`` x ``num_crops`` views (``ops`` gives the clip
-  starts; crops after resizing the short side to ``size``), in order, padded to whole batches."""
+  starts; crops after resizing the short side to ``size``), in order, padded to whole batches.
+  ``dct_method`` as in ``train_dataset``."""
   _check(clip_length, stride, size)
+  ops.check_dct_method(dct_method)
   if num_clips < 1:
     raise ValueError(f'num_clips must be >= 1, got {num_clips}')
   if num_crops not in (1, 3):
@@ -384,7 +392,8 @@ def eval_dataset(source: VideoSource, *, batch_size: int, clip_length: int, stri
             lambda c: dict(record, **c))
 
   def make_views(item):
-    clip = ops.decode_frames(tf.gather(item['frames'], item['indices']), source.is_jpeg)
+    clip = ops.decode_frames(tf.gather(item['frames'], item['indices']), source.is_jpeg,
+                             dct_method=dct_method)
     crops = ops.spatial_crops(ops.resize_short_side(clip, size), size, num_crops)
     return {
         'video': tf.ensure_shape(ops.normalize(crops, dtype=dtype),

@@ -194,18 +194,23 @@ def _fa_xla(x, kernel_size: int):
 # ---------------------------------------------------------------------------------------------
 
 
+# The kernel's tiling per backend (see aggregation_pallas.py); the CPU interprets the TPU one.
+PALLAS_TILING = {'gpu': 'row', 'tpu': 'frame', 'cpu': 'frame'}
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _fa_pallas(x, kernel_size: int, interpret: bool):
+def _fa_pallas(x, kernel_size: int, tiling: str):
   from dtf_jax.layers import aggregation_pallas  # Pallas is imported only where it is used
-  return aggregation_pallas.frame_wise_aggregation_kernel(x, kernel_size, interpret=interpret)
+  return aggregation_pallas.frame_wise_aggregation_kernel(
+      x, kernel_size, tiling, interpret=jax.default_backend() == 'cpu')
 
 
-def _fa_pallas_fwd(x, kernel_size, interpret):
-  return _fa_pallas(x, kernel_size, interpret), x
+def _fa_pallas_fwd(x, kernel_size, tiling):
+  return _fa_pallas(x, kernel_size, tiling), x
 
 
-def _fa_pallas_bwd(kernel_size, interpret, x, cotangents):
-  del interpret
+def _fa_pallas_bwd(kernel_size, tiling, x, cotangents):
+  del tiling
   _, vjp = jax.vjp(lambda v: _fa_xla(v, kernel_size), x)
   return vjp(cotangents)
 
@@ -224,4 +229,4 @@ def frame_wise_aggregation(x, kernel_size: int, impl: str = 'auto'):
     return _fa_scan(x, kernel_size)
   if impl == 'xla':
     return _fa_xla(x, kernel_size)
-  return _fa_pallas(x, kernel_size, jax.default_backend() == 'cpu')
+  return _fa_pallas(x, kernel_size, PALLAS_TILING.get(jax.default_backend(), 'frame'))

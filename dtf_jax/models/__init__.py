@@ -18,6 +18,7 @@ from flax import traverse_util
 
 from dtf_jax.layers.dtf import DTFBlock
 from dtf_jax.layers.temporal import TEMPORAL_MODULES
+from dtf_jax.models.common import REMAT_OPTIONS  # noqa: F401 (the values of `remat`)
 from dtf_jax.models.resnet import ResNet
 from dtf_jax.models.swin import SwinTransformer
 
@@ -160,6 +161,8 @@ def check_model_args(name: str, args: Dict[str, Any]) -> None:
       fail(key, f'must be a non-empty list of positive ints ({meaning} per stage)')
   if args.get('temporal') not in TEMPORAL_MODULES:
     fail('temporal', f'must be one of {sorted(TEMPORAL_MODULES)}')
+  if 'remat' in args and args['remat'] not in REMAT_OPTIONS:
+    fail('remat', f'must be one of {REMAT_OPTIONS} (what the backward pass recomputes)')
   if args['clip_length'] < args['early_stride']:
     fail('clip_length', f'the stem folds early_stride={args["early_stride"]} frames into one '
                         f'time step, so it needs at least {args["early_stride"]} frames')

@@ -1,8 +1,21 @@
-"""Pieces shared by the backbones: input checks and stochastic depth."""
+"""Pieces shared by the backbones: input checks, stochastic depth, rematerialisation."""
+
+import dataclasses
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from dtf_jax.layers.temporal import make_temporal
+
+# What the backbones' ``remat`` attribute can be: recompute nothing, each block (Bottleneck /
+# SwinBlock), or only each temporal module (the DTF block), in the backward pass.
+REMAT_OPTIONS = ('none', 'block', 'dtf')
+# What a rematerialised part keeps from its forward pass: nothing but its inputs. Measured with
+# ``model_info --train`` (README): saving the matmul outputs instead
+# (``dots_with_no_batch_dims_saveable``) kept DTF-Swin-B's peak almost where no remat has it.
+REMAT_POLICY = jax.checkpoint_policies.nothing_saveable
 
 
 def check_video(video, *, model: str, clip_length: int, early_stride: int):
@@ -42,3 +55,34 @@ def reshape_keep_batch(x, shape):
     return x.reshape(shape)
   spec = jax.sharding.PartitionSpec(sharding.spec[0], *([None] * (len(shape) - 1)))
   return jax.lax.reshape(x, shape, out_sharding=sharding.update(spec=spec))
+
+
+def check_remat(remat: str, model: str) -> None:
+  if remat not in REMAT_OPTIONS:
+    raise ValueError(f'{model}: remat={remat!r} is not one of {REMAT_OPTIONS}.')
+
+
+def remat_class(cls, remat: str, *, when: str):
+  """``cls`` rematerialised (``nn.remat``, its ``__call__(x, train)`` with ``train`` a static
+  Python bool) when ``remat == when``, else ``cls``. Names and variables are those of ``cls``."""
+  if remat != when:
+    return cls
+  return nn.remat(cls, static_argnums=(2,), policy=REMAT_POLICY)
+
+
+def make_temporal_remat(kind: str, remat: str, *, dtype: Any, name: str,
+                        **options: Any) -> Optional[nn.Module]:
+  """:func:`dtf_jax.layers.temporal.make_temporal`, rematerialised when ``remat == 'dtf'``.
+
+  Call the result positionally, ``module(x, train)``. For ``'dtf'`` the module is first built
+  unbound (``parent=None``: nothing is registered under ``name``), then rebuilt, same attributes
+  and name, as its ``nn.remat`` class in the module now running.
+  """
+  if remat != 'dtf':
+    return make_temporal(kind, dtype=dtype, name=name, **options)
+  module = make_temporal(kind, dtype=dtype, name=name, parent=None, **options)
+  if module is None:
+    return None
+  attributes = {f.name: getattr(module, f.name) for f in dataclasses.fields(module)
+                if f.init and f.name not in ('parent', 'name')}
+  return remat_class(type(module), remat, when='dtf')(name=name, **attributes)

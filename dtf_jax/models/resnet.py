@@ -12,8 +12,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from dtf_jax.layers.norm import BatchNorm
-from dtf_jax.layers.temporal import make_temporal
-from dtf_jax.models.common import DropPath, check_video
+from dtf_jax.models.common import (DropPath, check_remat, check_video, make_temporal_remat,
+                                   remat_class)
 
 # Kaiming normal, fan_out, as the official models initialise their convolutions.
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
@@ -30,6 +30,7 @@ class Bottleneck(nn.Module):
   drop_path_rate: float
   dtype: Any
   fa_impl: str = 'auto'
+  remat: str = 'none'  # 'dtf': the temporal module is rematerialised (see ResNet)
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -40,10 +41,10 @@ class Bottleneck(nn.Module):
 
     out = nn.relu(norm('bn1')(conv(self.planes, 1, 1, 'conv1')(x), train))
     out = conv(self.planes, 3, self.stride, 'conv2')(out)
-    temporal = make_temporal(self.temporal, dtype=self.dtype, name='temporal',
-                             fa_impl=self.fa_impl)
+    temporal = make_temporal_remat(self.temporal, self.remat, dtype=self.dtype, name='temporal',
+                                   fa_impl=self.fa_impl)
     if temporal is not None:
-      out = temporal(out, train=train)
+      out = temporal(out, train)
     out = nn.relu(norm('bn2')(out, train))
     out = norm('bn3')(conv(self.planes * 4, 1, 1, 'conv3')(out), train)
     out = DropPath(self.drop_path_rate)(out, train)
@@ -71,6 +72,9 @@ class ResNet(nn.Module):
     dtype: compute dtype (parameters stay float32).
     fa_impl: implementation of the DTF block's frame-wise aggregation (``'auto'``, ``'scan'``,
       ``'xla'``, ``'pallas'``; see ``dtf_jax.layers.aggregation``); the same values in each.
+    remat: what the backward pass recomputes instead of keeping from the forward pass
+      (``dtf_jax.models.common.REMAT_OPTIONS``): ``'none'``, ``'block'`` (each bottleneck) or
+      ``'dtf'`` (each temporal module). Same values, gradients and variable names in each.
   """
   stage_sizes: Sequence[int]
   num_classes: int
@@ -83,11 +87,13 @@ class ResNet(nn.Module):
   drop_path_rate: float = 0.0
   dtype: Any = jnp.float32
   fa_impl: str = 'auto'
+  remat: str = 'none'
 
   @nn.compact
   def __call__(self, video, train: bool = False):
     check_video(video, model=type(self).__name__, clip_length=self.clip_length,
                 early_stride=self.early_stride)
+    check_remat(self.remat, type(self).__name__)
     if min(video.shape[2:4]) < 32:
       raise ValueError(f'ResNet: frames must be at least 32x32 (total stride 32), got '
                        f'{video.shape[2]}x{video.shape[3]}.')
@@ -105,15 +111,17 @@ class ResNet(nn.Module):
 
     num_blocks = sum(self.stage_sizes)
     index = 0
+    block = remat_class(Bottleneck, self.remat, when='block')
     for s, size in enumerate(self.stage_sizes):
       for b in range(size):
-        x = Bottleneck(
+        x = block(
             planes=self.width * 2 ** s,
             stride=2 if (s > 0 and b == 0) else 1,
             temporal=self.temporal if (s + 1) in self.dtf_stages else 'none',
             drop_path_rate=self.drop_path_rate * index / max(num_blocks - 1, 1),
             dtype=self.dtype,
             fa_impl=self.fa_impl,
+            remat=self.remat,
             name=f'stage{s + 1}_block{b}')(x, train)
         index += 1
 

@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dtf_jax.layers.temporal import make_temporal
-from dtf_jax.models.common import DropPath, check_video, reshape_keep_batch
+from dtf_jax.models.common import (DropPath, check_remat, check_video, make_temporal_remat,
+                                   remat_class, reshape_keep_batch)
 
 dense_init = nn.initializers.truncated_normal(0.02)
 
@@ -107,6 +107,7 @@ class SwinBlock(nn.Module):
   drop_path_rate: float
   dtype: Any
   fa_impl: str = 'auto'
+  remat: str = 'none'  # 'dtf': the temporal module is rematerialised (see SwinTransformer)
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -126,11 +127,11 @@ class SwinBlock(nn.Module):
       y = jnp.roll(y, (self.shift, self.shift), axis=(1, 2))
     x = x + drop_path(y, train)
 
-    temporal = make_temporal(self.temporal, dtype=self.dtype, name='temporal',
-                             fa_impl=self.fa_impl)
+    temporal = make_temporal_remat(self.temporal, self.remat, dtype=self.dtype, name='temporal',
+                                   fa_impl=self.fa_impl)
     if temporal is not None:
       x = x.reshape(n // self.clip_steps, self.clip_steps, h, w, dim)
-      x = temporal(x, train=train).reshape(n, h, w, dim)
+      x = temporal(x, train).reshape(n, h, w, dim)
 
     y = norm('norm2')(x)
     y = nn.Dense(int(dim * self.mlp_ratio), dtype=self.dtype, kernel_init=dense_init,
@@ -174,6 +175,9 @@ class SwinTransformer(nn.Module):
     dtype: compute dtype (parameters stay float32).
     fa_impl: implementation of the DTF block's frame-wise aggregation (``'auto'``, ``'scan'``,
       ``'xla'``, ``'pallas'``; see ``dtf_jax.layers.aggregation``); the same values in each.
+    remat: what the backward pass recomputes instead of keeping from the forward pass
+      (``dtf_jax.models.common.REMAT_OPTIONS``): ``'none'``, ``'block'`` (each Swin block) or
+      ``'dtf'`` (each temporal module). Same values, gradients and variable names in each.
   """
   num_classes: int
   clip_length: int
@@ -191,6 +195,7 @@ class SwinTransformer(nn.Module):
   drop_path_rate: float = 0.5
   dtype: Any = jnp.float32
   fa_impl: str = 'auto'
+  remat: str = 'none'
 
   def check_image_size(self):
     """Raises ``ValueError`` unless every stage's token map splits into whole windows."""
@@ -217,6 +222,7 @@ class SwinTransformer(nn.Module):
                        f'(image_size the model was built for), got '
                        f'{video.shape[2]}x{video.shape[3]}.')
     self.check_image_size()
+    check_remat(self.remat, type(self).__name__)
     batch = video.shape[0]
     steps = self.clip_length // self.early_stride
 
@@ -230,16 +236,17 @@ class SwinTransformer(nn.Module):
 
     rates = np.linspace(0.0, self.drop_path_rate, sum(self.depths))
     index = 0
+    block = remat_class(SwinBlock, self.remat, when='block')
     for s, (depth, heads) in enumerate(zip(self.depths, self.num_heads)):
       res = x.shape[1]
       for b in range(depth):
         window, shift = effective_window(res, self.window_size, 0 if b % 2 == 0 else
                                          self.window_size // 2)
-        x = SwinBlock(num_heads=heads, window=window, shift=shift, clip_steps=steps,
-                      temporal=self.temporal if shift == 0 else 'none',
-                      mlp_ratio=self.mlp_ratio, drop_path_rate=float(rates[index]),
-                      dtype=self.dtype, fa_impl=self.fa_impl,
-                      name=f'stage{s + 1}_block{b}')(x, train)
+        x = block(num_heads=heads, window=window, shift=shift, clip_steps=steps,
+                  temporal=self.temporal if shift == 0 else 'none',
+                  mlp_ratio=self.mlp_ratio, drop_path_rate=float(rates[index]),
+                  dtype=self.dtype, fa_impl=self.fa_impl, remat=self.remat,
+                  name=f'stage{s + 1}_block{b}')(x, train)
         index += 1
       if s < len(self.depths) - 1:
         x = PatchMerging(self.dtype, name=f'stage{s + 1}_merge')(x)

@@ -10,6 +10,7 @@ clips/s overall and per core (the cores this process may use, or ``--cores``, wh
 tf.data's thread pool). The eval pipeline is timed on the same split with ``--num-clips`` x
 ``--num-crops`` views per video at ``--eval-size`` (views/s = clips/s). ``--augment released``
 times the train pipeline with the released colour chain (jitter, grayscale, blur) on.
+``--dct-method INTEGER_FAST`` decodes JPEGs with the approximate inverse DCT.
 """
 
 import argparse
@@ -19,7 +20,7 @@ import time
 
 import tensorflow as tf
 
-from dtf_jax.data import pipeline
+from dtf_jax.data import ops, pipeline
 from dtf_jax.tools.model_info import int_at_least
 
 
@@ -41,6 +42,9 @@ def parse_args(argv=None):
   parser.add_argument('--crop', choices=pipeline.TRAIN_CROPS, default=None,
                       help='train crop (default: scale_jitter, or random_resized_crop with '
                       '--augment released).')
+  parser.add_argument('--dct-method', choices=ops.DCT_METHODS, default='INTEGER_ACCURATE',
+                      help='JPEG inverse DCT (INTEGER_ACCURATE, exact; INTEGER_FAST is '
+                      'approximate).')
   parser.add_argument('--batch-size', type=int_at_least(1), default=8, help='clips per batch (8).')
   parser.add_argument('--batches', type=int_at_least(1), default=40,
                       help='timed batches per pipeline (40).')
@@ -99,13 +103,14 @@ def main(argv=None) -> int:
     train = pipeline.train_dataset(
         source, batch_size=args.batch_size, clip_length=args.clip_length, stride=args.stride,
         size=args.size, process_index=0, shuffle_buffer=min(256, source.num_videos),
-        **augment).with_options(options)
+        dct_method=args.dct_method, **augment).with_options(options)
     results['train'] = _time(train, args.batches, args.warmup_batches, 'train')
   if args.skip != 'eval':
     eval_size = args.eval_size or args.size
     data = pipeline.eval_dataset(
         source, batch_size=args.batch_size, clip_length=args.clip_length, stride=args.stride,
-        size=eval_size, num_clips=args.num_clips, num_crops=args.num_crops, process_index=0)
+        size=eval_size, num_clips=args.num_clips, num_crops=args.num_crops,
+        dct_method=args.dct_method, process_index=0)
     batches = min(args.batches, data.num_batches - args.warmup_batches)
     if batches < 1:
       print(f'eval: only {data.num_batches} batches in the split; not timed', file=sys.stderr)

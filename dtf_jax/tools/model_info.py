@@ -8,7 +8,17 @@ GFLOPs are multiply-accumulates (as the paper and the usual counters report them
 DTF path (a complex multiply-add = 4 real ones; FFTs as the direct real DFT). ``--convention paper``
 counts as the paper's table does (see ``dtf_jax.flops.PAPER_CONVENTION_NOTE``); both are printed,
 the chosen one first. Compile time and memory are for the jitted forward (``train=False``) at
-``--batch`` on the default JAX backend.
+``--batch`` on the default JAX backend; with ``--train``, for the trainer's jitted train step
+instead (``dtf_jax.train.step``: forward, backward and the SGD-momentum update of the recipe in
+``configs/base.py``, the state donated) at ``--batch`` clips per device, with ``--remat``:
+
+    python -m dtf_jax.tools.model_info --model dtf_swin_b --clip-length 64 --size 224 \\
+        --dtype bfloat16 --train --batch 4 --remat block
+
+Memory is XLA's buffer assignment of the compiled program, per device (nothing is run):
+peak = arguments + temporaries + outputs - aliased (outputs written into donated arguments, the
+new train state, count once). Temporaries are already packed by liveness (buffers that are never
+alive together share bytes), so this is the most that is allocated at once, as far as XLA plans.
 """
 
 import argparse
@@ -21,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from dtf_jax import flops
-from dtf_jax.models import create_model, list_models, size_kwargs
+from dtf_jax.models import REMAT_OPTIONS, create_model, list_models, model_spec, size_kwargs
 
 
 def int_at_least(minimum: int):
@@ -53,11 +63,19 @@ def parse_args(argv=None):
   parser.add_argument('--size', type=positive, default=224,
                       help='frame height = width (default 224).')
   parser.add_argument('--num-classes', type=positive, default=400, help='classifier outputs (400).')
-  parser.add_argument('--batch', type=positive, default=1, help='batch for compile/memory (1).')
+  parser.add_argument('--batch', type=positive, default=1,
+                      help='clips (per device with --train) for compile/memory (1).')
   parser.add_argument('--convention', choices=sorted(flops.CONVENTIONS), default='ours',
                       help='FLOP counting convention printed first (default ours).')
   parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32',
-                      help='compute dtype of the compiled forward (default float32).')
+                      help='compute dtype of the compiled forward / train step (default float32).')
+  parser.add_argument('--train', action='store_true',
+                      help='compile the train step (forward + backward + optimizer update, the '
+                           'state donated) instead of the forward; needs configs/ importable '
+                           '(run from the repository root).')
+  parser.add_argument('--remat', choices=REMAT_OPTIONS, default='none',
+                      help="what the backward pass recomputes (the model's remat): none, block "
+                           "(each bottleneck / Swin block), dtf (each DTF block). Default none.")
   parser.add_argument('--no-compile', action='store_true',
                       help='skip compiling (parameters and GFLOPs only).')
   return parser.parse_args(argv)
@@ -74,10 +92,36 @@ def fixed_correlation_weights(params) -> int:
   return total
 
 
+def compile_train_step(args):
+  """The trainer's train step for ``args`` (``configs/base.py`` recipe of the model's family),
+  lowered and compiled for ``--batch`` clips per device; nothing is allocated or run."""
+  from configs import base  # pylint: disable=import-outside-toplevel
+  from dtf_jax.train.config import setup  # pylint: disable=import-outside-toplevel
+  from dtf_jax.train.step import make_train_step  # pylint: disable=import-outside-toplevel
+  recipe = base.swin_config if model_spec(args.model).family == 'swin' else base.resnet_config
+  config = recipe(args.model)
+  config.data.clip_length, config.data.size = args.clip_length, args.size
+  config.data.num_classes, config.compute_dtype = args.num_classes, args.dtype
+  config.model.remat = args.remat
+  config.batch_size = args.batch * jax.device_count()
+  s = setup(config, with_train_data=False)
+  batch = {'video': jax.ShapeDtypeStruct(
+               (config.batch_size, args.clip_length, args.size, args.size, 3), jnp.float32),
+           'label': jax.ShapeDtypeStruct((config.batch_size,), jnp.int32)}
+  return make_train_step(s).lower(s.abstract_state, batch).compile()
+
+
+def peak_bytes(memory) -> int:
+  """Arguments + temporaries + outputs - aliased, of XLA's ``compiled.memory_analysis()``."""
+  return (memory.argument_size_in_bytes + memory.temp_size_in_bytes +
+          memory.output_size_in_bytes - memory.alias_size_in_bytes)
+
+
 def describe(args) -> dict:
   """Computes the report as a dict (also used by tests)."""
   model = create_model(args.model, num_classes=args.num_classes, clip_length=args.clip_length,
-                       dtype=jnp.dtype(args.dtype), **size_kwargs(args.model, args.size))
+                       dtype=jnp.dtype(args.dtype), remat=args.remat,
+                       **size_kwargs(args.model, args.size))
   view = jax.ShapeDtypeStruct((1, args.clip_length, args.size, args.size, 3), jnp.float32)
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), view)
   report = {
@@ -86,10 +130,13 @@ def describe(args) -> dict:
       'macs': flops.count_macs(lambda v, x: model.apply(v, x), shapes, view),
   }
   if not args.no_compile:
-    batch = jax.ShapeDtypeStruct((args.batch,) + view.shape[1:], jnp.float32)
-    forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
     start = time.perf_counter()
-    compiled = forward.lower(shapes, batch).compile()
+    if args.train:
+      compiled = compile_train_step(args)
+    else:
+      batch = jax.ShapeDtypeStruct((args.batch,) + view.shape[1:], jnp.float32)
+      forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
+      compiled = forward.lower(shapes, batch).compile()
     report['compile_s'] = time.perf_counter() - start
     report['memory'] = compiled.memory_analysis()
   return report
@@ -116,14 +163,15 @@ def main(argv=None):
   print(f'  paper convention: {flops.PAPER_CONVENTION_NOTE}')
   if 'compile_s' in report:
     mem = report['memory']
-    print(f'XLA compile time (forward, batch {args.batch}): {report["compile_s"]:.1f} s')
+    what = (f'train step, batch {args.batch} per device, remat {args.remat}' if args.train else
+            f'forward, batch {args.batch}')
+    print(f'XLA compile time ({what}): {report["compile_s"]:.1f} s')
     if mem is not None:
-      peak = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes - \
-          mem.alias_size_in_bytes
-      print(f'XLA memory (forward, batch {args.batch}, {jax.default_backend()}): '
-            f'peak {peak / 2**20:.1f} MiB = arguments {mem.argument_size_in_bytes / 2**20:.1f} + '
-            f'temporaries {mem.temp_size_in_bytes / 2**20:.1f} + output '
-            f'{mem.output_size_in_bytes / 2**20:.1f} MiB')
+      mib = lambda n: f'{n / 2**20:.1f}'  # noqa: E731
+      print(f'XLA memory ({what}, {jax.default_backend()}): peak {mib(peak_bytes(mem))} MiB = '
+            f'arguments {mib(mem.argument_size_in_bytes)} + temporaries '
+            f'{mib(mem.temp_size_in_bytes)} + output {mib(mem.output_size_in_bytes)} - aliased '
+            f'{mib(mem.alias_size_in_bytes)} MiB ({peak_bytes(mem) / 2**30:.2f} GiB)')
 
 
 if __name__ == '__main__':
