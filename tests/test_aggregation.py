@@ -156,3 +156,49 @@ def test_auto_choice_and_errors():
   x = jnp.zeros((1, 4, 4, 4, 8))
   with pytest.raises(ValueError, match="fa_impl='fast'"):
     jax.eval_shape(DTFBlock(fa_impl='fast').init, jax.random.PRNGKey(0), x)
+
+
+_SHARDED_CHILD = r'''
+import json
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from dtf_jax.layers.aggregation import frame_wise_aggregation
+assert jax.device_count() == 8
+x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 4, 5, 6, 8)), jnp.float32)
+loss = lambda impl: lambda v: jnp.sum(frame_wise_aggregation(v, 3, impl)[0] ** 2)
+ref = frame_wise_aggregation(x, 3, 'xla') + (jax.grad(loss('xla'))(x),)
+results = {}
+for kind in (AxisType.Explicit, AxisType.Auto):
+  mesh = jax.make_mesh((4, 2), ('data', 'fsdp'), axis_types=(kind, kind))
+  xs = jax.device_put(x, NamedSharding(mesh, P(('data', 'fsdp'))))
+  fwd = jax.jit(lambda v: frame_wise_aggregation(v, 3, 'pallas'))
+  grad = jax.jit(jax.grad(loss('pallas')))
+  got = fwd(xs) + (grad(xs),)
+  hlo = fwd.lower(xs).compile().as_text() + grad.lower(xs).compile().as_text()
+  results[str(kind)] = dict(
+      error=max(float(jnp.abs(a - b).max()) for a, b in zip(got, ref)),
+      batch_sharded=all(len(g.sharding.device_set) == 8 and g.addressable_shards[0].data.shape[0] == 1
+                        for g in got),
+      gathers=hlo.count('all-gather'))
+print('RESULTS', json.dumps(results))
+'''
+
+
+def test_pallas_runs_per_batch_shard():
+  """On 8 (fake) CPU devices, batch-sharded input, Explicit and Auto mesh axes: the kernel runs
+  on each device's videos (no all-gather in the forward or the gradient), with the single-device
+  values. A fresh process, since the device count is fixed when JAX starts."""
+  import json
+  import os
+  import subprocess
+  import sys
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=repo,
+             XLA_FLAGS=os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8')
+  proc = subprocess.run([sys.executable, '-c', _SHARDED_CHILD], env=env, cwd=repo,
+                        capture_output=True, text=True, timeout=300)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith('RESULTS ')]
+  assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-4000:]
+  for kind, result in json.loads(lines[-1][len('RESULTS '):]).items():
+    assert result['error'] < 1e-5, (kind, result)
+    assert result['batch_sharded'] and result['gathers'] == 0, (kind, result)

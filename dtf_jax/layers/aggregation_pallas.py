@@ -34,7 +34,9 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.custom_partitioning import custom_partitioning
 from jax.experimental.pallas import triton as plgpu
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dtf_jax.layers.aggregation import pad_space
 
@@ -118,14 +120,56 @@ def _row_kernel(x_ref, corr_in_ref, out_ref, corr_ref, *, kernel_size, height, w
   jax.lax.fori_loop(0, chunks, write_chunk, 0)
 
 
+@functools.lru_cache(maxsize=None)
+def _batch_partitioned(kernel_size: int, tiling: str, interpret: bool):
+  """The kernel as an op that XLA's partitioner splits along the batch (any other axis is
+  gathered first), instead of gathering the whole batch onto every device."""
+  def run(x):
+    return _kernel_call(x, kernel_size, tiling, interpret)
+
+  def batch_only(mesh, arg_shapes):
+    sharding = arg_shapes[0].sharding
+    spec = sharding.spec if isinstance(sharding, NamedSharding) else ()
+    return NamedSharding(mesh, P(spec[0] if len(spec) else None))
+
+  def infer(mesh, arg_shapes, result_shape):
+    del result_shape
+    return (batch_only(mesh, arg_shapes),) * 2
+
+  def partition(mesh, arg_shapes, result_shape):
+    del result_shape
+    sharding = batch_only(mesh, arg_shapes)
+    return mesh, run, (sharding, sharding), (sharding,)
+
+  op = custom_partitioning(run)
+  op.def_partition(infer_sharding_from_operands=infer, partition=partition,
+                   sharding_rule='b t h w c -> b t h w c, b t h w k',
+                   need_replication_factors=('t', 'h', 'w', 'c', 'k'))
+  return op
+
+
 def frame_wise_aggregation_kernel(x, kernel_size: int, tiling: str = 'frame',
                                   interpret: bool = False):
   """``B T H W C -> (out B T H W C in x.dtype, corr B T H W K2 float32)``; forward only.
 
-  ``tiling``: ``'frame'`` (TPU) or ``'row'`` (GPU), see the module docstring.
+  ``tiling``: ``'frame'`` (TPU) or ``'row'`` (GPU), see the module docstring. Under a mesh the
+  kernel runs on each device's part of the batch: through ``shard_map`` where the batch axis's
+  sharding is part of the type (Explicit mesh axes), else as a custom-partitioned op.
   """
   if tiling not in TILINGS:
     raise ValueError(f'tiling={tiling!r} is not one of {TILINGS}.')
+  sharding = jax.typeof(x).sharding
+  if not sharding.mesh.empty and sharding.spec and sharding.spec[0] is not None:
+    spec = P(sharding.spec[0])
+    return jax.shard_map(functools.partial(_kernel_call, kernel_size=kernel_size, tiling=tiling,
+                                           interpret=interpret),
+                         mesh=sharding.mesh, in_specs=spec, out_specs=(spec, spec),
+                         check_vma=False)(x)
+  return _batch_partitioned(kernel_size, tiling, interpret)(x)
+
+
+def _kernel_call(x, kernel_size, tiling, interpret):
+  """:func:`frame_wise_aggregation_kernel` on one device's data."""
   batch, time, height, width, channels = x.shape
   k2 = kernel_size ** 2
   padded = pad_space(x, kernel_size)
@@ -138,20 +182,21 @@ def frame_wise_aggregation_kernel(x, kernel_size: int, tiling: str = 'frame',
                     axis=-1) / channels
   if time == 1:  # no next frame: nothing to aggregate
     return x, corr0
-  corr_in = jnp.zeros((batch, time, height, width, k2), jnp.float32).at[:, :1].set(corr0)
+  corr_in = jnp.pad(corr0, ((0, 0), (0, time - 1), (0, 0), (0, 0), (0, 0)))  # keeps sharding
   if tiling == 'row':
     width_pow2 = pl.next_power_of_2(width)
     padded = jnp.pad(padded, ((0, 0), (0, 0), (0, 0), (0, width_pow2 - width), (0, 0)))
     kernel = functools.partial(_row_kernel, kernel_size=kernel_size, height=height, width=width,
                                channels=channels, time=time, width_pow2=width_pow2)
     whole = pl.BlockSpec(memory_space=pl.ANY)
-    return pl.pallas_call(
+    out, corr = pl.pallas_call(
         kernel, grid=(batch, time, height), in_specs=[whole, whole], out_specs=[whole, whole],
         out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype),
                    jax.ShapeDtypeStruct((batch, time, height, width, k2), jnp.float32)],
         input_output_aliases={1: 1}, interpret=interpret,
         compiler_params=None if interpret else plgpu.CompilerParams(num_warps=4, num_stages=1),
         name='dtf_frame_wise_aggregation')(padded, corr_in)
+    return out, corr
 
   squeezed = pl.squeezed
   frame = lambda index: pl.BlockSpec((squeezed, squeezed, hp, wp, channels), index)  # noqa: E731
