@@ -6,7 +6,10 @@ Nyquist bins are ignored, as ``irfft`` does). The DTF time axes are short (``T =
 early_stride``, 4 to 16), where the direct transform, written as ``T x (T//2 + 1)`` fused
 multiply-adds over whole feature maps, is several times faster than XLA's FFT (which also needs
 the time axis moved to the end and back). Both run in float32. Their gradients are the transposed
-transforms (hand-written, so the backward pass is as cheap as the forward).
+transforms (hand-written, so the backward pass is as cheap as the forward). XLA fuses the direct
+form into one pass per transform; the same transforms as matmuls with ``T x 2F`` DFT matrices
+(measured, rfft then irfft of 2x8x28x28x128, XLA:CPU) read and write twice as much (11 vs 5.5
+feature-map passes forward, 20 vs 11 with the gradient) and take longer (gradient 22 vs 16 ms).
 
 Shapes: ``x: B T ...`` real -> ``re, im: B F ...`` with ``F = T // 2 + 1``.
 """
