@@ -38,8 +38,6 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.experimental.pallas import triton as plgpu
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dtf_jax.layers.aggregation import pad_space
-
 
 TILINGS = ('frame', 'row')
 CHANNEL_CHUNK = 16
@@ -172,10 +170,10 @@ def _kernel_call(x, kernel_size, tiling, interpret):
   """:func:`frame_wise_aggregation_kernel` on one device's data."""
   batch, time, height, width, channels = x.shape
   k2 = kernel_size ** 2
-  padded = pad_space(x, kernel_size)
+  p = kernel_size // 2
+  padded = jnp.pad(x, ((0, 0), (0, 0), (p, p), (p, p), (0, 0)))  # zeros outside the frame
   hp, wp = padded.shape[2:4]
   first = padded[:, :1].astype(jnp.float32)  # frame 0 is its own query
-  p = kernel_size // 2
   query0 = first[:, :, p:p + height, p:p + width, :]
   corr0 = jnp.stack([jnp.sum(query0 * first[:, :, i:i + height, j:j + width, :], axis=-1)
                      for i in range(kernel_size) for j in range(kernel_size)],
