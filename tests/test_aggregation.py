@@ -132,17 +132,21 @@ def test_bfloat16(fa_impl):
 
 @pytest.mark.parametrize('tiling,platform,marker', [('frame', 'tpu', 'tpu_custom_call'),
                                                      ('row', 'cuda', 'triton')])
-def test_pallas_kernel_lowers_for_its_backend(tiling, platform, marker):
-  """Each tiling is one pallas_call, and lowers (on this CPU) for its accelerator: Mosaic for
-  the TPU, Triton for the GPU, at DTF-R50's stage-1 shape in bf16 and an odd small one. This
-  checks what the lowering checks (block shapes, power-of-two tiles, supported ops); compiling
-  and running it needs the device."""
+def test_pallas_kernels_lower_for_their_backend(tiling, platform, marker):
+  """Each tiling's forward (one pallas_call) and gradient (one for the TPU tiling, two for the
+  GPU one) lower, on this CPU, for their accelerator: Mosaic for the TPU, Triton for the GPU, at
+  DTF-R50's stage-1 shape in bf16 and an odd small one. This checks what the lowering checks
+  (block shapes, power-of-two tiles, supported ops); compiling and running needs the device."""
   for shape, dtype in (((2, 4, 56, 56, 64), jnp.bfloat16), ((1, 3, 5, 7, 12), jnp.float32)):
-    fn = jax.jit(lambda v: aggregation_pallas.frame_wise_aggregation_kernel(v, 3, tiling))
     x = jax.ShapeDtypeStruct(shape, dtype)
-    assert str(jax.make_jaxpr(fn)(x)).count('pallas_call') == 1
-    text = fn.trace(x).lower(lowering_platforms=(platform,)).as_text()
-    assert marker in text
+    g_corr = jax.ShapeDtypeStruct(shape[:-1] + (9,), jnp.float32)
+    fwd = jax.jit(lambda v: aggregation_pallas.frame_wise_aggregation_kernel(v, 3, tiling))
+    grad = jax.jit(lambda v, g, c: aggregation_pallas.frame_wise_aggregation_grad(v, g, c, 3,
+                                                                                 tiling))
+    for fn, args, kernels in ((fwd, (x,), 1), (grad, (x, x, g_corr), 1 if tiling == 'frame' else 2)):
+      assert str(jax.make_jaxpr(fn)(*args)).count('pallas_call') == kernels
+      text = fn.trace(*args).lower(lowering_platforms=(platform,)).as_text()
+      assert marker in text
 
 
 def test_auto_choice_and_errors():

@@ -15,8 +15,8 @@ The implementations (``fa_impl``) compute the same values:
   VJPs, so both passes hold O(1) copies of the feature map (the lean-memory path);
 - ``'xla'``: the ``K2`` neighbours as slices of one padded tensor in one expression, left to XLA
   to fuse, with autodiff for the backward;
-- ``'pallas'``: one kernel per frame pair (``aggregation_pallas.py``), whose backward recomputes
-  through the ``'xla'`` form.
+- ``'pallas'``: one kernel per frame pair (``aggregation_pallas.py``), and a backward kernel that
+  recomputes the attention from ``x`` (nothing but ``x`` is kept for the backward pass).
 
 ``'auto'`` picks per backend from :data:`AUTO_FA_IMPL`, what was measured fastest there.
 """
@@ -190,19 +190,22 @@ def _fa_xla(x, kernel_size: int):
 
 
 # ---------------------------------------------------------------------------------------------
-# 'pallas': forward kernel, backward through the 'xla' form (recomputed from x).
+# 'pallas': forward and backward kernels (aggregation_pallas.py).
 # ---------------------------------------------------------------------------------------------
-
 
 # The kernel's tiling per backend (see aggregation_pallas.py); the CPU interprets the TPU one.
 PALLAS_TILING = {'gpu': 'row', 'tpu': 'frame', 'cpu': 'frame'}
 
 
+def _pallas():
+  from dtf_jax.layers import aggregation_pallas  # Pallas is imported only where it is used
+  return aggregation_pallas
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def _fa_pallas(x, kernel_size: int, tiling: str):
-  from dtf_jax.layers import aggregation_pallas  # Pallas is imported only where it is used
-  return aggregation_pallas.frame_wise_aggregation_kernel(
-      x, kernel_size, tiling, interpret=jax.default_backend() == 'cpu')
+  return _pallas().frame_wise_aggregation_kernel(x, kernel_size, tiling,
+                                                 interpret=jax.default_backend() == 'cpu')
 
 
 def _fa_pallas_fwd(x, kernel_size, tiling):
@@ -210,9 +213,10 @@ def _fa_pallas_fwd(x, kernel_size, tiling):
 
 
 def _fa_pallas_bwd(kernel_size, tiling, x, cotangents):
-  del tiling
-  _, vjp = jax.vjp(lambda v: _fa_xla(v, kernel_size), x)
-  return vjp(cotangents)
+  g_out, g_corr = cotangents
+  return (_pallas().frame_wise_aggregation_grad(
+      x, g_out.astype(x.dtype), g_corr.astype(jnp.float32), kernel_size, tiling,
+      interpret=jax.default_backend() == 'cpu'),)
 
 
 _fa_pallas.defvjp(_fa_pallas_fwd, _fa_pallas_bwd)

@@ -24,6 +24,15 @@ the kernel's output through an input/output alias, so the kernel never writes th
 ``T = 1`` that is all there is, and no kernel runs). Each
 frame is read twice (as query and as neighbours) and ``out`` and ``corr`` are written once: about
 3 + K2 / C passes over the feature map, where the separate XLA ops make ~20 in the forward pass.
+The gradient (:func:`frame_wise_aggregation_grad`) keeps nothing from the forward pass but ``x``:
+per frame pair it recomputes the logits and the attention, and gives the query frame ``s`` its
+gradient ``dq`` and the neighbour frame ``s + 1`` its gradient ``dn`` (each location's
+``a_k g + dlogit_k q / C`` added at its neighbour ``k``). The TPU tiling does both in one kernel
+per frame pair (``dn`` accumulated in the output block by static shifted windows); the GPU tiling
+in two row kernels, the first writing ``dq`` and the ``K2`` attention weights and logit
+cotangents, the second gathering ``dn`` from them. XLA adds the residual's cotangent, ``dq``,
+``dn`` shifted by one frame, and frame 0's own correlation's gradient.
+
 The arithmetic is float32 whatever the input dtype. A ``'frame'`` block is at most 58 x 58 x 64
 or 9 x 9 x 2048 values in DTF-R50 at 224², well inside a TPU core's VMEM. The CPU runs either
 tiling in interpret mode (the tests run both).
@@ -118,13 +127,145 @@ def _row_kernel(x_ref, corr_in_ref, out_ref, corr_ref, *, kernel_size, height, w
   jax.lax.fori_loop(0, chunks, write_chunk, 0)
 
 
-@functools.lru_cache(maxsize=None)
-def _batch_partitioned(kernel_size: int, tiling: str, interpret: bool):
-  """The kernel as an op that XLA's partitioner splits along the batch (any other axis is
-  gathered first), instead of gathering the whole batch onto every device."""
-  def run(x):
-    return _kernel_call(x, kernel_size, tiling, interpret)
+def _softmax_backward(logits, g_out_dots, g_corr):
+  """Per neighbour ``k`` (lists over ``K2``): the attention ``a_k`` and ``dL/dlogit_k`` given
+  ``<g_out, n_k>`` and the logits' own cotangent ``g_corr_k``."""
+  top = functools.reduce(jnp.maximum, logits)
+  exps = [jnp.exp(l - top) for l in logits]
+  total = functools.reduce(jnp.add, exps)
+  attention = [e / total for e in exps]
+  mean = functools.reduce(jnp.add, [a * d for a, d in zip(attention, g_out_dots)])
+  return attention, [a * (d - mean) + g for a, d, g in zip(attention, g_out_dots, g_corr)]
 
+
+def _shift_add(ref, value, di, dj, height, width):
+  """``ref[h + di, w + dj] += value[h, w]`` where both are inside the frame (static offsets)."""
+  rows, cols = slice(max(0, di), height + min(0, di)), slice(max(0, dj), width + min(0, dj))
+  src_rows, src_cols = slice(max(0, -di), height - max(0, di)), slice(max(0, -dj), width - max(0, dj))
+  ref[rows, cols, :] += value[src_rows, src_cols, :]
+
+
+def _frame_backward_kernel(query_ref, neighbours_ref, g_out_ref, g_corr_ref, dq_ref, dn_ref, *,
+                           kernel_size, height, width, channels, time):
+  """Step ``(b, s)``: ``dq`` (to frame ``s`` as the query) and ``dn`` (to frame ``s + 1`` as the
+  neighbours) of the pair ``(s, s + 1)``; zero at ``s = T - 1``."""
+  s = pl.program_id(1)
+  p = kernel_size // 2
+  dq_ref[...] = jnp.zeros(dq_ref.shape, dq_ref.dtype)
+  dn_ref[...] = jnp.zeros(dn_ref.shape, dn_ref.dtype)
+
+  @pl.when(s < time - 1)
+  def _():
+    query = query_ref[p:p + height, p:p + width, :].astype(jnp.float32)
+    g_out = g_out_ref[...].astype(jnp.float32)
+    g_corr = g_corr_ref[...]
+    neighbours = [neighbours_ref[i:i + height, j:j + width, :].astype(jnp.float32)
+                  for i in range(kernel_size) for j in range(kernel_size)]
+    logits = [jnp.sum(query * n, axis=-1, keepdims=True) / channels for n in neighbours]
+    dots = [jnp.sum(g_out * n, axis=-1, keepdims=True) for n in neighbours]
+    attention, d_logits = _softmax_backward(
+        logits, dots, [g_corr[..., k:k + 1] for k in range(kernel_size ** 2)])
+    dq_ref[...] = functools.reduce(jnp.add, [d * n for d, n in zip(d_logits, neighbours)]) / channels
+    for k, (a, d) in enumerate(zip(attention, d_logits)):
+      _shift_add(dn_ref, a * g_out + d * query / channels, k // kernel_size - p,
+                 k % kernel_size - p, height, width)
+
+
+def _row_backward_kernel_a(x_ref, g_out_ref, g_corr_ref, dq_ref, att_ref, dlog_ref, *,
+                           kernel_size, height, width, channels, time, width_pow2):
+  """Row ``h`` of the pair ``(s, s + 1)``: ``dq`` (to frame ``s``), and the attention and
+  logit cotangents that the neighbours' gradient (kernel B) gathers."""
+  b, s, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  p, k2 = kernel_size // 2, kernel_size ** 2
+  nxt = jnp.minimum(s + 1, time - 1)
+  has_next = s < time - 1
+  chunks = pl.cdiv(channels, CHANNEL_CHUNK)
+  lanes = jnp.arange(CHANNEL_CHUNK)
+
+  def load(ref, frame, row, col, c0):
+    mask = jnp.broadcast_to((c0 + lanes < channels)[None, :], (width_pow2, CHANNEL_CHUNK))
+    return plgpu.load(ref.at[b, frame, row, pl.ds(col, width_pow2), pl.ds(c0, CHANNEL_CHUNK)],
+                      mask=mask, other=0).astype(jnp.float32)
+
+  def neighbours(c0):
+    return [load(x_ref, nxt, h + i, j, c0) for i in range(kernel_size) for j in range(kernel_size)]
+
+  def add_dots(c, carry):
+    logits, dots = carry
+    c0 = c * CHANNEL_CHUNK
+    query, g_out = load(x_ref, s, h + p, p, c0), load(g_out_ref, s, h + p, p, c0)
+    nbs = neighbours(c0)
+    return (tuple(acc + jnp.sum(query * n, axis=1) for acc, n in zip(logits, nbs)),
+            tuple(acc + jnp.sum(g_out * n, axis=1) for acc, n in zip(dots, nbs)))
+
+  zeros = (jnp.zeros((width_pow2,), jnp.float32),) * k2
+  logits, dots = jax.lax.fori_loop(0, chunks, add_dots, (zeros, zeros))
+  first = h * 0  # traced: the masked stores below run past W (see _row_kernel)
+  g_corr = [plgpu.load(g_corr_ref.at[b, nxt, h, pl.ds(first, width_pow2), pl.ds(k, 1)],
+                       mask=(jnp.arange(width_pow2) < width)[:, None], other=0)[:, 0]
+            for k in range(k2)]
+  attention, d_logits = _softmax_backward([l / channels for l in logits], list(dots), g_corr)
+  attention = [jnp.where(has_next, a, 0.0) for a in attention]
+  d_logits = [jnp.where(has_next, d, 0.0) for d in d_logits]
+  in_row = jnp.arange(width_pow2) < width
+  for k in range(k2):
+    for ref, value in ((att_ref, attention[k]), (dlog_ref, d_logits[k])):
+      plgpu.store(ref.at[b, s, h, pl.ds(first, width_pow2), pl.ds(k, 1)], value[:, None],
+                  mask=in_row[:, None])
+
+  def write_chunk(c, carry):
+    c0 = c * CHANNEL_CHUNK
+    dq = functools.reduce(jnp.add, [d[:, None] * n for d, n in zip(d_logits, neighbours(c0))])
+    mask = in_row[:, None] & (c0 + lanes < channels)[None, :]
+    plgpu.store(dq_ref.at[b, s, h, pl.ds(first, width_pow2), pl.ds(c0, CHANNEL_CHUNK)],
+                dq / channels, mask=mask)
+    return carry
+
+  jax.lax.fori_loop(0, chunks, write_chunk, 0)
+
+
+def _row_backward_kernel_b(x_ref, g_out_ref, att_ref, dlog_ref, dn_ref, *, kernel_size, width,
+                           channels, width_pow2):
+  """Row ``h`` of ``dn`` (to frame ``s + 1``): ``sum_k (a_k g_out + dlogit_k q / C)`` taken at
+  the location whose neighbour ``k`` this is. Inputs zero-padded by ``p`` (``att``, ``dlog``
+  zero at ``s = T - 1``)."""
+  b, s, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  k2 = kernel_size ** 2
+  chunks = pl.cdiv(channels, CHANNEL_CHUNK)
+  lanes = jnp.arange(CHANNEL_CHUNK)
+  # Neighbour k = (i, j) of (h', w') - (i - p, j - p) is (h', w'): padded row h + K-1-i, col K-1-j.
+  offsets = [(kernel_size - 1 - k // kernel_size, kernel_size - 1 - k % kernel_size)
+             for k in range(k2)]
+  weights = [(att_ref[b, s, h + r, pl.ds(c, width_pow2), pl.ds(k, 1)],
+              dlog_ref[b, s, h + r, pl.ds(c, width_pow2), pl.ds(k, 1)])
+             for k, (r, c) in enumerate(offsets)]  # each W' x 1
+
+  def load(ref, row, col, c0):
+    mask = jnp.broadcast_to((c0 + lanes < channels)[None, :], (width_pow2, CHANNEL_CHUNK))
+    return plgpu.load(ref.at[b, s, row, pl.ds(col, width_pow2), pl.ds(c0, CHANNEL_CHUNK)],
+                      mask=mask, other=0).astype(jnp.float32)
+
+  first = h * 0
+  in_row = jnp.arange(width_pow2) < width
+
+  def write_chunk(c, carry):
+    c0 = c * CHANNEL_CHUNK
+    dn = 0.0
+    for (a, d), (r, col) in zip(weights, offsets):
+      dn = dn + a * load(g_out_ref, h + r, col, c0) + d * load(x_ref, h + r, col, c0) / channels
+    mask = in_row[:, None] & (c0 + lanes < channels)[None, :]
+    plgpu.store(dn_ref.at[b, s, h, pl.ds(first, width_pow2), pl.ds(c0, CHANNEL_CHUNK)], dn,
+                mask=mask)
+    return carry
+
+  jax.lax.fori_loop(0, chunks, write_chunk, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _batch_partitioned(fn, rule: str, num_outputs: int):
+  """``fn`` (arrays with a leading batch axis -> ``num_outputs`` of them) as an op that XLA's
+  partitioner splits along the batch (any other axis is gathered first), instead of gathering
+  the whole batch onto every device. ``rule``: its Shardy sharding rule."""
   def batch_only(mesh, arg_shapes):
     sharding = arg_shapes[0].sharding
     spec = sharding.spec if isinstance(sharding, NamedSharding) else ()
@@ -132,18 +273,28 @@ def _batch_partitioned(kernel_size: int, tiling: str, interpret: bool):
 
   def infer(mesh, arg_shapes, result_shape):
     del result_shape
-    return (batch_only(mesh, arg_shapes),) * 2
+    return (batch_only(mesh, arg_shapes),) * num_outputs
 
   def partition(mesh, arg_shapes, result_shape):
     del result_shape
     sharding = batch_only(mesh, arg_shapes)
-    return mesh, run, (sharding, sharding), (sharding,)
+    return mesh, fn, (sharding,) * num_outputs, (sharding,) * len(arg_shapes)
 
-  op = custom_partitioning(run)
-  op.def_partition(infer_sharding_from_operands=infer, partition=partition,
-                   sharding_rule='b t h w c -> b t h w c, b t h w k',
+  op = custom_partitioning(fn)
+  op.def_partition(infer_sharding_from_operands=infer, partition=partition, sharding_rule=rule,
                    need_replication_factors=('t', 'h', 'w', 'c', 'k'))
   return op
+
+
+def _per_batch_shard(fn, rule: str, num_outputs: int, *args):
+  """``fn(*args)`` run on each device's part of the batch: through ``shard_map`` where the batch
+  axis's sharding is part of the type (Explicit mesh axes), else custom-partitioned (Auto)."""
+  sharding = jax.typeof(args[0]).sharding
+  if not sharding.mesh.empty and sharding.spec and sharding.spec[0] is not None:
+    spec = P(sharding.spec[0])
+    return jax.shard_map(fn, mesh=sharding.mesh, in_specs=(spec,) * len(args),
+                         out_specs=(spec,) * num_outputs, check_vma=False)(*args)
+  return _batch_partitioned(fn, rule, num_outputs)(*args)
 
 
 def frame_wise_aggregation_kernel(x, kernel_size: int, tiling: str = 'frame',
@@ -156,28 +307,107 @@ def frame_wise_aggregation_kernel(x, kernel_size: int, tiling: str = 'frame',
   """
   if tiling not in TILINGS:
     raise ValueError(f'tiling={tiling!r} is not one of {TILINGS}.')
-  sharding = jax.typeof(x).sharding
-  if not sharding.mesh.empty and sharding.spec and sharding.spec[0] is not None:
-    spec = P(sharding.spec[0])
-    return jax.shard_map(functools.partial(_kernel_call, kernel_size=kernel_size, tiling=tiling,
-                                           interpret=interpret),
-                         mesh=sharding.mesh, in_specs=spec, out_specs=(spec, spec),
-                         check_vma=False)(x)
-  return _batch_partitioned(kernel_size, tiling, interpret)(x)
+  return _per_batch_shard(_forward_fn(kernel_size, tiling, interpret),
+                          'b t h w c -> b t h w c, b t h w k', 2, x)
+
+
+def frame_wise_aggregation_grad(x, g_out, g_corr, kernel_size: int, tiling: str = 'frame',
+                                interpret: bool = False):
+  """The gradient of :func:`frame_wise_aggregation_kernel` in ``x`` for the cotangents ``g_out``
+  (``B T H W C``) and ``g_corr`` (``B T H W K2``): ``B T H W C`` in ``x.dtype``."""
+  if tiling not in TILINGS:
+    raise ValueError(f'tiling={tiling!r} is not one of {TILINGS}.')
+  return _per_batch_shard(_backward_fn(kernel_size, tiling, interpret),
+                          'b t h w c, b t h w c, b t h w k -> b t h w c', 1, x, g_out, g_corr)[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_fn(kernel_size, tiling, interpret):
+  def forward(x):  # positional arguments only (custom_partitioning)
+    return _kernel_call(x, kernel_size, tiling, interpret)
+  return forward
+
+
+@functools.lru_cache(maxsize=None)
+def _backward_fn(kernel_size, tiling, interpret):
+  def backward(x, g_out, g_corr):
+    return _backward_call(x, g_out, g_corr, kernel_size, tiling, interpret)
+  return backward
+
+
+def _first_frame_correlation(first, kernel_size, height, width, channels):
+  """``corr[:, 0]``: frame 0 (``B 1 H+2p W+2p C``, padded, float32) against itself."""
+  p = kernel_size // 2
+  query0 = first[:, :, p:p + height, p:p + width, :]
+  return jnp.stack([jnp.sum(query0 * first[:, :, i:i + height, j:j + width, :], axis=-1)
+                    for i in range(kernel_size) for j in range(kernel_size)],
+                   axis=-1) / channels
+
+
+def _backward_call(x, g_out, g_corr, kernel_size, tiling, interpret):
+  """:func:`frame_wise_aggregation_grad` on one device's data."""
+  batch, time, height, width, channels = x.shape
+  k2 = kernel_size ** 2
+  p = kernel_size // 2
+  pad = lambda v, w=0: jnp.pad(v, ((0, 0), (0, 0), (p, p), (p, p + w), (0, 0)))  # noqa: E731
+  _, first_vjp = jax.vjp(
+      lambda v: _first_frame_correlation(pad(v), kernel_size, height, width, channels),
+      x[:, :1].astype(jnp.float32))
+  (d_first,) = first_vjp(g_corr[:, :1])
+  grad = g_out.astype(jnp.float32) + jnp.pad(d_first, ((0, 0), (0, time - 1), (0, 0), (0, 0),
+                                                        (0, 0)))
+  if time == 1:
+    return (grad.astype(x.dtype),)
+  shape = jax.ShapeDtypeStruct(x.shape, jnp.float32)
+  if tiling == 'row':
+    width_pow2 = pl.next_power_of_2(width)
+    extra = width_pow2 - width
+    whole = pl.BlockSpec(memory_space=pl.ANY)
+    params = None if interpret else plgpu.CompilerParams(num_warps=4, num_stages=1)
+    weights = jax.ShapeDtypeStruct((batch, time, height, width, k2), jnp.float32)
+    dq, attention, d_logits = pl.pallas_call(
+        functools.partial(_row_backward_kernel_a, kernel_size=kernel_size, height=height,
+                          width=width, channels=channels, time=time, width_pow2=width_pow2),
+        grid=(batch, time, height), in_specs=[whole] * 3, out_specs=[whole] * 3,
+        out_shape=[shape, weights, weights], interpret=interpret, compiler_params=params,
+        name='dtf_frame_wise_aggregation_grad_query')(pad(x, extra), pad(g_out, extra), g_corr)
+    (dn,) = pl.pallas_call(
+        functools.partial(_row_backward_kernel_b, kernel_size=kernel_size, width=width,
+                          channels=channels, width_pow2=width_pow2),
+        grid=(batch, time, height), in_specs=[whole] * 4, out_specs=[whole],
+        out_shape=[shape], interpret=interpret, compiler_params=params,
+        name='dtf_frame_wise_aggregation_grad_neighbours')(
+            pad(x, extra), pad(g_out, extra), pad(attention, extra), pad(d_logits, extra))
+  else:
+    padded = pad(x)
+    hp, wp = padded.shape[2:4]
+    squeezed = pl.squeezed
+    block = lambda h, w, c, index: pl.BlockSpec((squeezed, squeezed, h, w, c), index)  # noqa: E731
+    this = lambda b, s: (b, s, 0, 0, 0)  # noqa: E731
+    after = lambda b, s: (b, jnp.minimum(s + 1, time - 1), 0, 0, 0)  # noqa: E731
+    dq, dn = pl.pallas_call(
+        functools.partial(_frame_backward_kernel, kernel_size=kernel_size, height=height,
+                          width=width, channels=channels, time=time),
+        grid=(batch, time),
+        in_specs=[block(hp, wp, channels, this), block(hp, wp, channels, after),
+                  block(height, width, channels, this), block(height, width, k2, after)],
+        out_specs=[block(height, width, channels, this), block(height, width, channels, this)],
+        out_shape=[shape, shape], interpret=interpret,
+        name='dtf_frame_wise_aggregation_grad')(padded, padded, g_out, g_corr)
+  # dq[s] goes to frame s (the query), dn[s] to frame s + 1 (the neighbours).
+  grad = grad + dq + jnp.pad(dn[:, :-1], ((0, 0), (1, 0), (0, 0), (0, 0), (0, 0)))
+  return (grad.astype(x.dtype),)
 
 
 def _kernel_call(x, kernel_size, tiling, interpret):
-  """:func:`frame_wise_aggregation_kernel` on one device's data."""
+  """:func:`frame_wise_aggregation_kernel` on one device's data: ``(out, corr)``."""
   batch, time, height, width, channels = x.shape
   k2 = kernel_size ** 2
   p = kernel_size // 2
   padded = jnp.pad(x, ((0, 0), (0, 0), (p, p), (p, p), (0, 0)))  # zeros outside the frame
   hp, wp = padded.shape[2:4]
-  first = padded[:, :1].astype(jnp.float32)  # frame 0 is its own query
-  query0 = first[:, :, p:p + height, p:p + width, :]
-  corr0 = jnp.stack([jnp.sum(query0 * first[:, :, i:i + height, j:j + width, :], axis=-1)
-                     for i in range(kernel_size) for j in range(kernel_size)],
-                    axis=-1) / channels
+  corr0 = _first_frame_correlation(padded[:, :1].astype(jnp.float32), kernel_size, height, width,
+                                   channels)  # frame 0 is its own query
   if time == 1:  # no next frame: nothing to aggregate
     return x, corr0
   corr_in = jnp.pad(corr0, ((0, 0), (0, time - 1), (0, 0), (0, 0), (0, 0)))  # keeps sharding
