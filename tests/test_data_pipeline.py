@@ -287,6 +287,50 @@ def test_crop_windows():
     assert (h, w) == (320, 426) or 3 / 4 - 0.02 <= w / h <= 4 / 3 + 0.02
 
 
+def _detailed_jpeg(h=40, w=72, seed=0):
+  """A JPEG (quality 90, 4:2:0 chroma) of smooth colour ramps plus noise: chroma that varies."""
+  rng = np.random.default_rng(seed)
+  y, x = np.mgrid[:h, :w]
+  image = np.stack([3 * x, 5 * y, 2 * (x + y)], -1) + rng.integers(0, 60, (h, w, 3))
+  return tf.io.encode_jpeg(np.clip(image, 0, 255).astype(np.uint8), quality=90)
+
+
+def test_decode_jpeg_window_equals_decode_then_crop():
+  jpeg = _detailed_jpeg()
+  windows = [(y, x, h, w) for y, h in ((0, 40), (3, 17), (24, 16)) for x, w in
+             ((0, 72), (0, 9), (5, 31), (17, 16), (40, 32), (63, 9), (71, 1))]
+  plain_differs = 0
+  for dct in ops.DCT_METHODS:
+    full = tf.io.decode_jpeg(jpeg, channels=3, dct_method=dct).numpy()
+    for y, x, h, w in windows:
+      got = ops.decode_jpeg_window(jpeg, tf.constant([y, x, h, w]), dct).numpy()
+      np.testing.assert_array_equal(got, full[y:y + h, x:x + w], err_msg=f'{dct} {y, x, h, w}')
+      plain = tf.io.decode_and_crop_jpeg(jpeg, [y, x, h, w], channels=3, dct_method=dct).numpy()
+      plain_differs += not np.array_equal(plain, full[y:y + h, x:x + w])
+  assert plain_differs  # why decode_jpeg_window widens the window
+  other = _detailed_jpeg(seed=1)
+  clip = ops.decode_frames(tf.stack([jpeg, other]), True, tf.constant([3, 5, 17, 31]))
+  assert clip.shape == (2, 17, 31, 3)
+  full = tf.io.decode_jpeg(other, dct_method='INTEGER_ACCURATE')
+  np.testing.assert_array_equal(clip[1], full[3:20, 5:36])
+  fast = ops.decode_frames(jpeg[None], True, dct_method='INTEGER_FAST').numpy().astype(int)
+  exact = ops.decode_frames(jpeg[None], True).numpy().astype(int)
+  assert 0 < np.abs(fast - exact).max() <= 12 and np.abs(fast - exact).mean() < 2
+  with pytest.raises(ValueError, match='dct_method must be one of'):
+    ops.decode_frames(jpeg[None], True, dct_method='FLOAT')
+
+
+def test_normalize_and_flip_vs_numpy():
+  rng = np.random.default_rng(0)
+  for shape in ((3, 5, 7, 3), (2, 3, 4, 6, 3)):
+    clip = (rng.random(shape) * 255).astype(np.float32)
+    scale = (1 / (255 * np.array(ops.IMAGENET_STD, np.float32))).astype(np.float32)
+    offset = (-np.array(ops.IMAGENET_MEAN, np.float32) / np.array(ops.IMAGENET_STD, np.float32))
+    np.testing.assert_array_equal(ops.normalize(clip).numpy(), clip * scale + offset)  # bitwise
+    np.testing.assert_array_equal(ops.flip_left_right(clip).numpy(), clip[..., ::-1, :])
+  assert ops.normalize(clip, dtype=tf.bfloat16).dtype == tf.bfloat16
+
+
 def test_random_resized_crop_and_colour_jitter(records):
   batch = next(_train(records, batch_size=10, **pipeline.RELEASED_AUGMENTATION))
   assert batch['video'].shape == (10, 4, 32, 32, 3)
@@ -322,6 +366,8 @@ def test_errors(records, tmp_path):
     pipeline.eval_dataset(source, batch_size=1, clip_length=0, process_index=0)
   with pytest.raises(ValueError, match='process_index 1 not in 0..0'):
     pipeline.train_dataset(source, batch_size=1, clip_length=4, process_index=1)
+  with pytest.raises(ValueError, match='dct_method must be one of'):
+    pipeline.train_dataset(source, batch_size=1, clip_length=4, dct_method='fast', process_index=0)
 
 
 def test_benchmark_input_counts(records, capsys):

@@ -10,6 +10,8 @@ clips/s overall and per core (the cores this process may use, or ``--cores``, wh
 tf.data's thread pool). The eval pipeline is timed on the same split with ``--num-clips`` x
 ``--num-crops`` views per video at ``--eval-size`` (views/s = clips/s). ``--augment released``
 times the train pipeline with the released colour chain (jitter, grayscale, blur) on.
+Clips per CPU-second (the process's CPU time, all threads) is the per-core rate when other
+processes share the cores, where clips/s/core understates it.
 ``--dct-method INTEGER_FAST`` decodes JPEGs with the approximate inverse DCT.
 """
 
@@ -64,10 +66,12 @@ def parse_args(argv=None):
 
 
 def _time(dataset, batches: int, warmup: int, label: str):
-  """Iterates ``warmup + batches`` batches; returns (timed clips, seconds)."""
+  """Iterates ``warmup + batches`` batches; returns (timed clips, seconds, CPU seconds of the
+  process, all its threads)."""
   iterator = iter(dataset)
   for _ in range(warmup):
     next(iterator)
+  cpu_start = time.process_time()
   clips, start, last = 0, time.perf_counter(), time.perf_counter()
   for i in range(batches):
     batch = next(iterator)
@@ -77,7 +81,7 @@ def _time(dataset, batches: int, warmup: int, label: str):
       print(f'  {label}: {i + 1}/{batches} batches, {clips / (now - start):.1f} clips/s',
             flush=True)
       last = now
-  return clips, time.perf_counter() - start
+  return clips, time.perf_counter() - start, time.process_time() - cpu_start
 
 
 def main(argv=None) -> int:
@@ -117,10 +121,11 @@ def main(argv=None) -> int:
     else:
       results['eval'] = _time(data.dataset.with_options(options), batches,
                               args.warmup_batches, f'eval {args.num_clips}x{args.num_crops} views')
-  for name, (clips, seconds) in results.items():
+  for name, (clips, seconds, cpu_seconds) in results.items():
     rate = clips / seconds
     print(f'{name:5s} {rate:8.1f} clips/s  {rate / cores:7.1f} clips/s/core  '
-          f'({clips} clips in {seconds:.1f} s, {cores} cores)')
+          f'({clips} clips in {seconds:.1f} s, {cores} cores)  '
+          f'{clips / max(cpu_seconds, 1e-9):.1f} clips per CPU-second')
   return 0
 
 
