@@ -56,6 +56,8 @@ def get_base_config(dataset: str = 'k400') -> ml_collections.ConfigDict:
   c.model.drop_path_rate = 0.0     # stochastic depth
   c.model.remat = 'none'           # recomputed in the backward pass to save memory: 'none',
                                    # 'block' (each bottleneck / Swin block), 'dtf' (DTF blocks)
+  c.model.fa_impl = 'auto'         # DTF frame-wise aggregation: 'scan', 'xla', 'pallas' or
+                                   # 'auto' (per backend; dtf_jax/layers/aggregation.py)
   # Any other create_model argument may be added by a config (e.g. early_stride, width).
   c.compute_dtype = 'bfloat16'     # activations; parameters and optimizer state stay float32
 

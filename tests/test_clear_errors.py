@@ -43,6 +43,7 @@ def _init_shapes(model):
     ('dtf_r50', dict(temporal='tsm'), r"temporal='tsm' .*one of \['dtf', 'none'\]"),
     ('dtf_r50', dict(remat='all'), r"remat='all' .*one of \('none', 'block', 'dtf'\)"),
     ('c2d_swin_t', dict(TINY_SWIN, remat=True), r"remat=True .*one of \('none', 'block', 'dtf'\)"),
+    ('dtf_r50', dict(fa_impl='cuda'), r"fa_impl='cuda' .*one of \('auto', 'scan', 'xla', 'pallas'\)"),
     ('dtf_swin_t', dict(TINY_SWIN, window_size=0), r'window_size=0 .*positive int'),
     ('dtf_swin_t', dict(TINY_SWIN, window_size=(2, 7, 7)), r'window_size=\(2, 7, 7\) .*int'),
     ('dtf_swin_t', dict(TINY_SWIN, image_size=0), r'image_size=0 .*positive int'),

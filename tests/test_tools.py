@@ -240,13 +240,44 @@ def test_model_info_compile_reports_time_and_memory(capsys):
   assert float(re.search(r': ([\d.]+) s', compile_line).group(1)) > 0
   mem_line = _line(out, 'XLA memory (forward, batch 1,')
   match = re.search(r'peak ([\d.]+) MiB = arguments ([\d.]+) \+ temporaries ([\d.]+) \+ output '
-                    r'([\d.]+) MiB', mem_line)
+                    r'([\d.]+) - aliased 0.0 MiB', mem_line)
   assert match, mem_line
   peak, arguments, temporaries, output = map(float, match.groups())
   params = 24_355_856 - 390 * 2049
   assert arguments >= params * 4 / 2 ** 20 - 0.1  # float32 parameters are arguments
   assert peak >= arguments
   assert peak == pytest.approx(arguments + temporaries + output, abs=0.2)
+
+
+def test_model_info_train_step_memory_and_remat(monkeypatch, capsys):
+  """--train compiles the trainer's step (parameters and SGD momentum donated) of a tiny dtf_r50;
+  remat 'block' keeps a fraction of the activations that 'none' keeps for the backward pass."""
+  from dtf_jax.train import config as train_config  # pylint: disable=import-outside-toplevel
+
+  def tiny_create_model(name, **kwargs):
+    return create_model(name, **dict(kwargs, width=8, stage_sizes=(1, 1), dtf_stages=(2,),
+                                     fa_impl='xla'))
+  monkeypatch.setattr(model_info, 'create_model', tiny_create_model)
+  monkeypatch.setattr(train_config, 'create_model', tiny_create_model)
+  saved = {}
+  for remat in ('none', 'block'):
+    model_info.main(['--model', 'dtf_r50', '--clip-length', '8', '--size', '64', '--num-classes',
+                     '10', '--batch', '2', '--train', '--remat', remat] +
+                    (['--no-compile'] if remat == 'none' else []))
+    out = capsys.readouterr().out
+    line = _line(out, f'activations kept for the backward pass (batch 2, remat {remat},')
+    saved[remat] = float(re.search(r': ([\d.]+) MiB$', line).group(1))
+  assert 0 < saved['block'] < saved['none'] / 2, saved
+  params = int(_line(out, 'trainable parameters:').split(':')[1].replace(',', ''))
+  assert _line(out, 'XLA compile time (train step, batch 2 per device, remat block):')
+  mem_line = _line(out, 'XLA memory (train step, batch 2 per device, remat block,')
+  match = re.search(r'peak ([\d.]+) MiB = arguments ([\d.]+) \+ temporaries ([\d.]+) \+ output '
+                    r'([\d.]+) - aliased ([\d.]+) MiB', mem_line)
+  assert match, mem_line
+  peak, arguments, temporaries, output, aliased = map(float, match.groups())
+  state = 2 * params * 4 / 2 ** 20  # float32 parameters and their momentum
+  assert arguments >= state - 0.1 and aliased >= state - 0.1  # the state is donated
+  assert peak == pytest.approx(arguments + temporaries + output - aliased, abs=0.3)
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,20 +307,27 @@ def test_benchmark_model_compare_cli(monkeypatch, capsys):
   with jax.default_prng_impl('rbg'):
     benchmark_model.main(['--model', 'dtf_r50', '--compare', 'c2d_r50', '--clip-length', '8',
                           '--size', '32', '--batch', '2', '--num-classes', '10', '--repeats', '1',
-                          '--warmup', '0'])
+                          '--warmup', '0', '--peak-tflops', '0.25', '--fa-impl', 'xla,scan'])
   out = capsys.readouterr().out
-  assert [c[0] for c in calls] == ['dtf_r50', 'c2d_r50']
+  # --model once per --fa-impl, then --compare.
+  assert [(c[0], c[1]['fa_impl']) for c in calls] == [('dtf_r50', 'xla'), ('dtf_r50', 'scan'),
+                                                      ('c2d_r50', 'xla')]
   for _, kwargs in calls:
     assert kwargs['num_classes'] == 10 and kwargs['clip_length'] == 8
     assert jnp.dtype(kwargs['dtype']) == jnp.float32
-  assert 'batch 2 x 8 frames x 32x32, float32' in out
-  assert out.count('compile time: forward') == 2
-  for name in ('dtf_r50', 'c2d_r50'):
+    assert kwargs['remat'] == 'none'
+  assert 'batch 2 x 8 frames x 32x32, float32, fa_impl xla,scan, remat none' in out
+  names = ['dtf_r50[xla]', 'dtf_r50[scan]', 'c2d_r50']
+  assert [t.name for t in timers] == names
+  assert out.count(' compile time: forward') == 3
+  for name in names:
     line = _line(out, f'{name}: forward')
-    assert re.fullmatch(rf'{name}: forward [\d.]+ ms/clip, forward\+backward [\d.]+ ms/clip', line)
-  for what in ('forward', 'forward+backward'):
-    line = _line(out, f'time ratio dtf_r50 / c2d_r50 ({what}):')
-    assert float(line.rsplit(':', 1)[1]) > 0
+    assert re.fullmatch(rf'{re.escape(name)}: forward [\d.]+ ms/clip, forward\+backward [\d.]+ '
+                        r'ms/clip', line)
+  for name in names[:2]:
+    for what in ('forward', 'forward+backward'):
+      line = _line(out, f'time ratio {name} / c2d_r50 ({what}):')
+      assert float(line.rsplit(':', 1)[1]) > 0
   # XLA's cost analysis: every call reads at least the video and every parameter once; DTF adds
   # traffic to the same network; the printed ratio is that of the two models' figures.
   for timer in timers:
@@ -300,11 +338,26 @@ def test_benchmark_model_compare_cli(monkeypatch, capsys):
                        for w in ('forward', 'forward+backward')], line
     assert all(timer.cost[w]['bytes'] >= floor and timer.cost[w]['flops'] > 0
                for w in timer.calls)
-  for what in ('forward', 'forward+backward'):
-    assert timers[0].cost[what]['bytes'] > timers[1].cost[what]['bytes']
-    line = _line(out, f'bytes-accessed ratio dtf_r50 / c2d_r50 ({what}):')
-    assert float(line.rsplit(':', 1)[1]) == pytest.approx(
-        timers[0].cost[what]['bytes'] / timers[1].cost[what]['bytes'], abs=1e-3)
+  for dtf in timers[:2]:
+    for what in ('forward', 'forward+backward'):
+      assert dtf.cost[what]['bytes'] > timers[2].cost[what]['bytes']
+      line = _line(out, f'bytes-accessed ratio {dtf.name} / c2d_r50 ({what}):')
+      assert float(line.rsplit(':', 1)[1]) == pytest.approx(
+          dtf.cost[what]['bytes'] / timers[2].cost[what]['bytes'], abs=1e-3)
+
+  # MFU = XLA's FLOPs / median time / the peak given, from the figures the line prints, which
+  # are the measured ones.
+  assert _line(out, 'peak ') == 'peak 0.25 TFLOP/s (--peak-tflops)'
+  for timer in timers:
+    line = _line(out, f'{timer.name} MFU:')
+    found = re.findall(r'(forward|forward\+backward) ([\d.e+-]+)% \(([\d.e+-]+) GFLOP / '
+                       r'([\d.e+-]+) ms per clip\)', line)
+    assert [f[0] for f in found] == ['forward', 'forward+backward'], line
+    for what, mfu, gflop, ms in found:
+      assert float(gflop) == pytest.approx(timer.cost[what]['flops'] / 2 / 1e9, rel=1e-3)
+      assert float(ms) == pytest.approx(timer.times[what][0] / 2 * 1e3, rel=1e-3)
+      assert float(mfu) == pytest.approx(100 * float(gflop) / float(ms) / 0.25, rel=6e-3)
+      assert float(mfu) == pytest.approx(100 * timer.mfu(what, 0.25), rel=6e-3)
 
   # One timed run per measurement; the forward+backward call gives a gradient for every
   # parameter (the DTF ones included) and new batch statistics.
@@ -319,6 +372,21 @@ def test_benchmark_model_compare_cli(monkeypatch, capsys):
   assert all('temporal' in p and 'alpha' not in p for p in zero), zero
   assert np.any(np.asarray(grads['stage4_block0']['temporal']['alpha']))
   assert set(updates) == {'batch_stats'}
+
+
+def test_benchmark_model_peak_of_device_kinds(monkeypatch):
+  """Data-sheet peaks by jax's device kind (exact, then the longest prefix); --peak-tflops wins."""
+  kind = ['NVIDIA H200']
+  monkeypatch.setattr(benchmark_model.jax, 'devices',
+                      lambda: [type('Device', (), {'device_kind': kind[0]})()])
+  monkeypatch.setattr(benchmark_model.jax, 'default_backend', lambda: 'gpu')
+  assert benchmark_model.device_peak('bfloat16') == (
+      989.0, 'NVIDIA H200, data sheet, dense bfloat16')
+  for kind[0], bf16 in (('NVIDIA A100-SXM4-40GB', 312.0), ('NVIDIA A100-PCIE-40GB', 312.0),
+                        ('TPU v4', 275.0), ('TPU v5 lite', 197.0), ('TPU v5', 459.0),
+                        ('TPU v6 lite', 918.0)):
+    assert benchmark_model.device_peak('bfloat16')[0] == bf16, kind
+  assert benchmark_model.device_peak('float32', 2.5) == (2.5, '--peak-tflops')
 
 
 # --------------------------------------------------------------------------------------------

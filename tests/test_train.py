@@ -374,6 +374,7 @@ def test_config_errors(dataset, tmp_path):
       ({'checkpoint_every_steps': 0}, 'config.checkpoint_every_steps: must be a positive int'),
       ({'lr.base_batch': 0}, 'config.lr.base_batch: must be a positive int'),
       ({'model.dropout_rate': 1.0}, r'config.model.dropout_rate: must be in \[0, 1\)'),
+      ({'model.remat': 'all'}, r"config.model: \w+: remat='all' is not allowed: must be one of"),
       ({'data.blur_prob': 1.5}, r'config.data.blur_prob: must be in \[0, 1\]'),
       ({'data.area_range': (0.5, 0.2)}, 'config.data.area_range: must be .* 0 < low <= high'),
       ({'optimizer.weight_decay': -1e-4}, 'config.optimizer.weight_decay: must be >= 0')):

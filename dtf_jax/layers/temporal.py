@@ -5,7 +5,7 @@ The backbones build them with :func:`make_temporal`; ``'none'`` gives the plain 
 """
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 
@@ -17,11 +17,13 @@ TEMPORAL_MODULES = {
 }
 
 
-def make_temporal(kind: str, *, dtype: Any, name: str, **options: Any) -> Optional[nn.Module]:
+def make_temporal(kind: str, *, dtype: Any, name: str, wrap: Optional[Callable] = None,
+                  **options: Any) -> Optional[nn.Module]:
   """Builds the temporal module ``kind`` (``None`` for ``'none'``).
 
   ``options`` are the backbone's settings for temporal modules (e.g. ``fa_impl``); each module
-  takes those that are its attributes and ignores the others.
+  takes those that are its attributes and ignores the others. ``wrap`` (class -> class, e.g.
+  ``nn.remat``) is applied to the module's class first.
   """
   if kind not in TEMPORAL_MODULES:
     raise ValueError(f'Unknown temporal module {kind!r}; known: {sorted(TEMPORAL_MODULES)}.')
@@ -29,4 +31,5 @@ def make_temporal(kind: str, *, dtype: Any, name: str, **options: Any) -> Option
   if cls is None:
     return None
   fields = {f.name for f in dataclasses.fields(cls)}
+  cls = wrap(cls) if wrap is not None else cls
   return cls(dtype=dtype, name=name, **{k: v for k, v in options.items() if k in fields})

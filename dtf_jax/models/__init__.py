@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from dtf_jax.layers.aggregation import FA_IMPLS
 from dtf_jax.layers.dtf import DTFBlock
 from dtf_jax.layers.temporal import TEMPORAL_MODULES
 from dtf_jax.models.common import REMAT_OPTIONS  # noqa: F401 (the values of `remat`)
@@ -58,6 +59,13 @@ def list_models() -> List[str]:
 def model_fields(cls: Callable) -> List[str]:
   """Attributes of a model class that can be set as keyword arguments."""
   return [f.name for f in dataclasses.fields(cls) if f.name not in ('parent', 'name')]
+
+
+def model_arguments(name: str) -> List[str]:
+  """The :func:`create_model` keyword arguments that model ``name`` takes (its attributes)."""
+  if name not in _REGISTRY:
+    raise ValueError(f'Unknown model {name!r}; known models: {", ".join(list_models())}.')
+  return model_fields(_REGISTRY[name][0])
 
 
 def model_spec(model) -> ModelSpec:
@@ -163,6 +171,8 @@ def check_model_args(name: str, args: Dict[str, Any]) -> None:
     fail('temporal', f'must be one of {sorted(TEMPORAL_MODULES)}')
   if 'remat' in args and args['remat'] not in REMAT_OPTIONS:
     fail('remat', f'must be one of {REMAT_OPTIONS} (what the backward pass recomputes)')
+  if 'fa_impl' in args and args['fa_impl'] not in FA_IMPLS:
+    fail('fa_impl', f'must be one of {FA_IMPLS} (the DTF frame-wise aggregation implementation)')
   if args['clip_length'] < args['early_stride']:
     fail('clip_length', f'the stem folds early_stride={args["early_stride"]} frames into one '
                         f'time step, so it needs at least {args["early_stride"]} frames')

@@ -8,10 +8,19 @@ gradients, ``train=True``, batch-norm statistics updated) wall times over ``--re
 ``--warmup`` runs, and XLA's cost analysis of each compiled call (bytes accessed and FLOPs per
 clip: the memory traffic a block adds shows there on any machine, also where its time does not).
 With ``--compare``, both models are timed in the same process with their runs interleaved, and
-the ratios model / compare of time and of bytes accessed are printed.
+the ratios model / compare of time and of bytes accessed are printed. ``--fa-impl scan,xla,pallas``
+times ``--model`` once per frame-wise aggregation implementation, all in the same run. The
+models compile in parallel threads.
+
+MFU (model FLOP utilisation) per model and call: XLA's FLOPs of the call / its median time /
+the device's peak. The peak: ``--peak-tflops`` if given; else the data-sheet dense peak of the
+device kind (``PEAK_TFLOPS``: bfloat16, or for ``--dtype float32`` what float32 matmuls run at
+with JAX's default precision: TF32 on NVIDIA GPUs, bfloat16 passes on TPUs); else (CPUs, unknown
+devices) the measured FLOP/s of a large jitted matmul in ``--dtype``. The line says which.
 """
 
 import argparse
+import concurrent.futures
 import statistics
 import time
 
@@ -20,8 +29,26 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dtf_jax.models import create_model, list_models, size_kwargs
+from dtf_jax.layers.aggregation import FA_IMPLS
+from dtf_jax.models import REMAT_OPTIONS, create_model, list_models, model_arguments, size_kwargs
 from dtf_jax.tools.model_info import int_at_least, usage_error
+
+# Data-sheet dense (no sparsity) peak TFLOP/s per device, keyed by jax's ``device_kind``:
+# (bfloat16, float32 matmuls at JAX's default precision: TF32 on NVIDIA GPUs, one bfloat16 pass
+# on TPUs). Looked up exactly, then by the longest key that starts the device kind.
+PEAK_TFLOPS = {
+    'NVIDIA H200': (989.0, 494.7),
+    'NVIDIA H100 80GB HBM3': (989.0, 494.7),  # SXM
+    'NVIDIA H100 PCIe': (756.0, 378.0),
+    'NVIDIA A100-SXM4-80GB': (312.0, 156.0),
+    'NVIDIA A100-SXM4-40GB': (312.0, 156.0),
+    'NVIDIA A100': (312.0, 156.0),
+    'TPU v4': (275.0, 275.0),
+    'TPU v5 lite': (197.0, 197.0),  # v5e
+    'TPU v5': (459.0, 459.0),  # v5p
+    'TPU v6 lite': (918.0, 918.0),  # v6e (Trillium)
+}
+MATMUL_SIZE = 2048  # n of the n x n matmul timed for the measured peak
 
 
 def parse_args(argv=None):
@@ -43,32 +70,91 @@ def parse_args(argv=None):
   parser.add_argument('--repeats', type=positive, default=7,
                       help='timed runs; the median is shown (7).')
   parser.add_argument('--no-backward', action='store_true', help='time the forward only.')
-  return parser.parse_args(argv)
+  parser.add_argument('--fa-impl', type=fa_impl_list, default=['auto'],
+                      help="the DTF block's frame-wise aggregation implementation(s) of --model: "
+                           f"one of {', '.join(FA_IMPLS)}, or several separated by commas, each "
+                           'timed as its own model against --compare (default auto: per backend).')
+  parser.add_argument('--remat', choices=REMAT_OPTIONS, default='none',
+                      help='what the backward pass recomputes (default none).')
+  parser.add_argument('--peak-tflops', type=float,
+                      help='device peak TFLOP/s for MFU (default: data sheet, or measured).')
+  args = parser.parse_args(argv)
+  if args.peak_tflops is not None and not args.peak_tflops > 0:
+    parser.error(f'argument --peak-tflops: must be > 0, got {args.peak_tflops}')
+  return args
+
+
+def fa_impl_list(text: str):
+  """argparse ``type``: ``'scan,xla'`` -> ``['scan', 'xla']``, each one of ``FA_IMPLS``."""
+  impls = [t.strip() for t in text.split(',')]
+  bad = [t for t in impls if t not in FA_IMPLS]
+  if bad or len(set(impls)) != len(impls):
+    raise argparse.ArgumentTypeError(
+        f'expected distinct values among {", ".join(FA_IMPLS)} separated by commas, got {text!r}')
+  return impls
+
+
+def measured_peak_tflops(dtype, n: int = MATMUL_SIZE, repeats: int = 5) -> float:
+  """TFLOP/s of a jitted ``n x n`` matmul in ``dtype`` (``2 n^3`` FLOPs), best of ``repeats``."""
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), dtype)
+  matmul = jax.jit(lambda x, y: x @ y)
+  jax.block_until_ready(matmul(a, a))
+  best = float('inf')
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(matmul(a, a))
+    best = min(best, time.perf_counter() - start)
+  return 2 * n ** 3 / best / 1e12
+
+
+def device_peak(dtype: str, override=None):
+  """``(peak TFLOP/s, what it is)`` for MFU; see the module docstring."""
+  if override is not None:
+    return override, '--peak-tflops'
+  kind = jax.devices()[0].device_kind
+  key = kind if kind in PEAK_TFLOPS else max(
+      (k for k in PEAK_TFLOPS if kind.startswith(k)), key=len, default=None)
+  if key is not None and jax.default_backend() != 'cpu':
+    peak = PEAK_TFLOPS[key][0 if dtype == 'bfloat16' else 1]
+    return peak, f'{kind}, data sheet, dense {dtype}' + (
+        ' matmuls at default precision' if dtype == 'float32' else '')
+  return measured_peak_tflops(jnp.dtype(dtype)), (
+      f'{kind}, measured: {MATMUL_SIZE}x{MATMUL_SIZE} {dtype} matmul, best of 5')
 
 
 class ModelTimer:
-  """Compiles one model's forward and forward+backward and times single calls."""
+  """One model's forward and forward+backward: :meth:`compile`, then single timed calls."""
 
-  def __init__(self, name: str, args):
-    self.name = name
+  def __init__(self, name: str, args, fa_impl: str = 'auto', label: str = None):
+    self.name = label or name
+    options = {k: v for k, v in (('fa_impl', fa_impl), ('remat', args.remat))
+               if k in model_arguments(name)}
     self.model = create_model(name, num_classes=args.num_classes, clip_length=args.clip_length,
-                              dtype=jnp.dtype(args.dtype), **size_kwargs(name, args.size))
+                              dtype=jnp.dtype(args.dtype), **size_kwargs(name, args.size),
+                              **options)
     rng = np.random.default_rng(0)
     self.video = jnp.asarray(rng.standard_normal(
         (args.batch, args.clip_length, args.size, args.size, 3), dtype=np.float32))
     self.labels = jnp.asarray(rng.integers(0, args.num_classes, args.batch))
-    self.variables = jax.jit(self.model.init)(jax.random.PRNGKey(0), self.video[:1])
+    self.backward = not args.no_backward
     self.compile_s = {}
     self.cost = {}  # per call: {'bytes': bytes accessed, 'flops': FLOPs}, XLA's cost analysis
     self.times = {'forward': []}
+    if self.backward:
+      self.times['forward+backward'] = []
+
+  def compile(self):
+    """Initialises the variables and compiles the calls (thread-safe: several models may compile
+    at once)."""
+    self.variables = jax.jit(self.model.init)(jax.random.PRNGKey(0), self.video[:1])
     forward = jax.jit(lambda v, x: self.model.apply(v, x, train=False))
     self.calls = {'forward': self._compile('forward', forward, self.variables, self.video)}
-    if not args.no_backward:
-      self.times['forward+backward'] = []
+    if self.backward:
       self.calls['forward+backward'] = self._compile(
           'forward+backward', jax.jit(self._loss_grad), self.variables, self.video, self.labels)
     self.args = {'forward': (self.variables, self.video),
                  'forward+backward': (self.variables, self.video, self.labels)}
+    return self
 
   def _loss_grad(self, variables, video, labels):
     def loss_fn(params):
@@ -97,28 +183,45 @@ class ModelTimer:
   def median_per_clip(self, what: str, batch: int) -> float:
     return statistics.median(self.times[what]) / batch
 
+  def mfu(self, what: str, peak_tflops: float) -> float:
+    """XLA's FLOPs of the call / its median time / the peak."""
+    return self.cost[what]['flops'] / statistics.median(self.times[what]) / (peak_tflops * 1e12)
+
 
 def main(argv=None):
   args = parse_args(argv)
-  names = [args.model] + ([args.compare] if args.compare else [])
-  print(f'{", ".join(names)}: batch {args.batch} x {args.clip_length} frames x '
-        f'{args.size}x{args.size}, {args.dtype}, backend {jax.default_backend()} '
-        f'({jax.device_count()} device(s)); median of {args.repeats} after {args.warmup} warm-up')
+  impls = args.fa_impl
+  # --model once per fa_impl (labelled with it when there are several), then --compare.
+  specs = [(args.model, impl, args.model if len(impls) == 1 else f'{args.model}[{impl}]')
+           for impl in impls]
+  if args.compare:
+    specs.append((args.compare, impls[0], args.compare))
+  print(f'{", ".join(label for _, _, label in specs)}: batch {args.batch} x {args.clip_length} '
+        f'frames x {args.size}x{args.size}, {args.dtype}, fa_impl {",".join(impls)}, remat '
+        f'{args.remat}, backend {jax.default_backend()} ({jax.device_count()} device(s)); median '
+        f'of {args.repeats} after {args.warmup} warm-up')
   timers = []
-  for name in names:
-    print(f'compiling {name} ...', flush=True)
+  for name, impl, label in specs:
     try:
-      timer = ModelTimer(name, args)
+      timers.append(ModelTimer(name, args, impl, label))
     except ValueError as e:  # the model cannot be built, or cannot take --clip-length / --size
       flag = '--model' if name == args.model else '--compare'
       usage_error(f'{flag} {name} --clip-length {args.clip_length} --size {args.size}: {e}')
-    print('  compile time: ' + ', '.join(f'{w} {s:.1f} s' for w, s in timer.compile_s.items()),
-          flush=True)
-    timers.append(timer)
+  print(f'compiling {", ".join(t.name for t in timers)} ...', flush=True)
+  with concurrent.futures.ThreadPoolExecutor(len(timers)) as pool:  # XLA compiles in parallel
+    futures = [pool.submit(timer.compile) for timer in timers]
+  for (name, _, _), timer, future in zip(specs, timers, futures):
+    try:
+      future.result()
+    except ValueError as e:  # e.g. a clip length or frame size the model cannot take
+      flag = '--model' if name == args.model else '--compare'
+      usage_error(f'{flag} {name} --clip-length {args.clip_length} --size {args.size}: {e}')
+    print(f'  {timer.name} compile time: ' + ', '.join(
+        f'{w} {s:.1f} s' for w, s in timer.compile_s.items()), flush=True)
   whats = list(timers[0].calls)
   for what in whats:
     for i in range(args.warmup + args.repeats):
-      for timer in timers:  # interleaved, so both see the same machine state
+      for timer in timers:  # interleaved, so all see the same machine state
         timer.run(what, record=i >= args.warmup)
   for timer in timers:
     print(f'{timer.name}: ' + ', '.join(
@@ -126,13 +229,22 @@ def main(argv=None):
     print(f'{timer.name} XLA cost per clip: ' + ', '.join(
         f'{w} {timer.cost[w]["bytes"] / args.batch / 2 ** 30:.3f} GiB accessed, '
         f'{timer.cost[w]["flops"] / args.batch / 1e9:.1f} GFLOP' for w in whats))
+  peak, source = device_peak(args.dtype, args.peak_tflops)
+  print(f'peak {peak:.4g} TFLOP/s ({source})')
+  for timer in timers:
+    print(f'{timer.name} MFU: ' + ', '.join(
+        f'{w} {100 * timer.mfu(w, peak):.3g}% ('
+        f'{timer.cost[w]["flops"] / args.batch / 1e9:.4g} GFLOP / '
+        f'{timer.median_per_clip(w, args.batch) * 1e3:.4g} ms per clip)' for w in whats))
   if args.compare:
-    for what in whats:
-      ratio = timers[0].median_per_clip(what, 1) / timers[1].median_per_clip(what, 1)
-      print(f'time ratio {args.model} / {args.compare} ({what}): {ratio:.3f}')
-    for what in whats:
-      ratio = timers[0].cost[what]['bytes'] / timers[1].cost[what]['bytes']
-      print(f'bytes-accessed ratio {args.model} / {args.compare} ({what}): {ratio:.3f}')
+    compare = timers[-1]
+    for timer in timers[:-1]:
+      for what in whats:
+        ratio = timer.median_per_clip(what, 1) / compare.median_per_clip(what, 1)
+        print(f'time ratio {timer.name} / {compare.name} ({what}): {ratio:.3f}')
+      for what in whats:
+        ratio = timer.cost[what]['bytes'] / compare.cost[what]['bytes']
+        print(f'bytes-accessed ratio {timer.name} / {compare.name} ({what}): {ratio:.3f}')
 
 
 if __name__ == '__main__':

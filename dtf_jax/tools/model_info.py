@@ -19,6 +19,9 @@ Memory is XLA's buffer assignment of the compiled program, per device (nothing i
 peak = arguments + temporaries + outputs - aliased (outputs written into donated arguments, the
 new train state, count once). Temporaries are already packed by liveness (buffers that are never
 alive together share bytes), so this is the most that is allocated at once, as far as XLA plans.
+``--train`` also prints the activations that the forward pass keeps for the backward pass, read
+from the jaxpr (what ``--remat`` reduces on any backend). XLA:CPU's plan does not shrink with
+remat (README, "Figures"): on CPU, read that line for remat, the peak for the rest.
 """
 
 import argparse
@@ -111,6 +114,21 @@ def compile_train_step(args):
   return make_train_step(s).lower(s.abstract_state, batch).compile()
 
 
+def saved_activation_bytes(model, variables, video) -> int:
+  """Bytes that the forward pass of ``model`` (``train=True``) keeps for its backward pass, read
+  from the jaxpr (the residuals of ``jax.vjp`` that are not arguments): what remat reduces, on
+  any backend, whatever its compiler's scheduling makes of it."""
+  from jax._src.ad_checkpoint import saved_residuals  # pylint: disable=import-outside-toplevel
+
+  def loss(params, batch_stats, video):
+    logits, _ = model.apply({'params': params, 'batch_stats': batch_stats}, video, train=True,
+                            mutable=['batch_stats'], rngs={'dropout': jax.random.PRNGKey(0)})
+    return logits.sum()
+  residuals = saved_residuals(loss, variables['params'], variables.get('batch_stats', {}), video)
+  return sum(aval.size * aval.dtype.itemsize for aval, where in residuals
+             if 'from the argument' not in where)
+
+
 def peak_bytes(memory) -> int:
   """Arguments + temporaries + outputs - aliased, of XLA's ``compiled.memory_analysis()``."""
   return (memory.argument_size_in_bytes + memory.temp_size_in_bytes +
@@ -129,6 +147,9 @@ def describe(args) -> dict:
       'fixed_correlation_weights': fixed_correlation_weights(shapes['params']),
       'macs': flops.count_macs(lambda v, x: model.apply(v, x), shapes, view),
   }
+  if args.train:
+    batch = jax.ShapeDtypeStruct((args.batch,) + view.shape[1:], jnp.float32)
+    report['saved_activations'] = saved_activation_bytes(model, shapes, batch)
   if not args.no_compile:
     start = time.perf_counter()
     if args.train:
@@ -161,6 +182,9 @@ def main(argv=None):
   print('  MACs by category (G): ' + ', '.join(
       f'{c} {m / 1e9:.3f}' for c, m in report['macs'].items() if m))
   print(f'  paper convention: {flops.PAPER_CONVENTION_NOTE}')
+  if 'saved_activations' in report:
+    print(f'activations kept for the backward pass (batch {args.batch}, remat {args.remat}, from '
+          f'the jaxpr): {report["saved_activations"] / 2**20:.2f} MiB')
   if 'compile_s' in report:
     mem = report['memory']
     what = (f'train step, batch {args.batch} per device, remat {args.remat}' if args.train else

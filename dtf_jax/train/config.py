@@ -99,6 +99,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       parse(value)
     except ValueError as e:
       check(False, field, str(e))
+  try:  # the model fields (e.g. model.remat) as create_model checks them
+    build_model(config, config.data.num_classes)
+  except ValueError as e:
+    check(False, 'model', str(e))
 
 
 def model_kwargs(config: ml_collections.ConfigDict, num_classes: int) -> Dict[str, Any]:
