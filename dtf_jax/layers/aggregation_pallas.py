@@ -34,8 +34,9 @@ cotangents, the second gathering ``dn`` from them. XLA adds the residual's cotan
 ``dn`` shifted by one frame, and frame 0's own correlation's gradient.
 
 The arithmetic is float32 whatever the input dtype. A ``'frame'`` block is at most 58 x 58 x 64
-or 9 x 9 x 2048 values in DTF-R50 at 224², well inside a TPU core's VMEM. The CPU runs either
-tiling in interpret mode (the tests run both).
+or 9 x 9 x 2048 values in DTF-R50 at 224² (0.9 MB in float32); the backward kernel also holds the
+``K2`` neighbour windows of a frame, which at stage 1 may not fit a core's default scoped VMEM
+(not measured: no TPU here). The CPU runs either tiling in interpret mode (the tests run both).
 """
 
 import functools
