@@ -324,14 +324,25 @@ def test_sharded_steps_match_single_device(dataset, tmp_path):
                                                            **accum)})
 
 
+# fsdp partitions the convolutions and the weight-gradient reductions differently from one
+# device, so float32 rounding differs in every activation (data-parallel keeps each example's
+# arithmetic and differs by ~1e-9 here). Parameters whose gradients nearly cancel (the zero-
+# initialised DTF alpha, BN biases) then differ by up to 4e-6 absolute after the 3 steps
+# (measured), against updates of ~2e-4: fsdp arrays are compared at FSDP_RTOL of max(|x|, 1e-2)
+# (the worst measured 3.8e-4). A sharding error (statistics of the local batch, a missing gather)
+# changes the updates themselves, 1e-4 to 1e-3 here, i.e. 1e-2 and more on that scale.
+FSDP_FLOOR, FSDP_RTOL = 1e-2, 2e-3
+
+
 def _compare(single, single_info, runs):
   for name, (arrays, info) in runs.items():
     np.testing.assert_allclose(info['losses'], single_info['losses'], rtol=SHARDED_RTOL,
                                err_msg=name)
+    floor, rtol = (FSDP_FLOOR, FSDP_RTOL) if name == 'fsdp' else (1e-3, SHARDED_RTOL)
     for k, v in single.items():
-      scale = max(np.abs(v).max(), 1e-3)
+      scale = max(np.abs(v).max(), floor)
       err = np.abs(arrays[k] - v).max() / scale
-      assert err < SHARDED_RTOL, f'{name}: {k} differs by {err:.2e} (relative to max |x|)'
+      assert err < rtol, f'{name}: {k} differs by {err:.2e} (relative to max(|x|, {floor}))'
 
 
 # ---------------------------------------------------------------------------------------------
