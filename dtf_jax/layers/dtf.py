@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dtf_jax.layers.aggregation import COUNTED_SCOPE, FA_IMPLS, frame_wise_aggregation
+from dtf_jax.layers.aggregation import COUNTED_SCOPE, frame_wise_aggregation
 from dtf_jax.layers.norm import BatchNorm
 from dtf_jax.layers.spectral import irfft_time, rfft_time
 
@@ -76,8 +76,6 @@ class DTFBlock(nn.Module):
     _, time, _, _, channels = x.shape
     k2 = self.kernel_size ** 2
     bins = time // 2 + 1
-    if self.fa_impl not in FA_IMPLS:
-      raise ValueError(f'DTFBlock: fa_impl={self.fa_impl!r} is not one of {FA_IMPLS}.')
     if (channels * bins * 2) % self.group_factor:
       raise ValueError(
           f'DTFBlock: channels * (T//2 + 1) * 2 = {channels} * {bins} * 2 must be divisible by the '
