@@ -1,4 +1,5 @@
-"""TFDS builder ``dtf_synthetic`` (``dtf_jax/data/tfds_synthetic.py``), config ``small``.
+"""TFDS builder ``dtf_synthetic`` (``dtf_jax/data/tfds_synthetic.py``), configs ``small`` and
+``long_range_small``.
 
 Measured (seed 0, 16x64x64): PSNR of the stored JPEG frames against the PyAV-decoded mp4 of the
 same clip min 37.2 dB, mean 38.3 dB; preparing ``small`` (64 clips) takes about 2 s on 2 cores.
@@ -47,8 +48,14 @@ def test_builder_registered_and_configs():
   configs = {c.name: c for c in tfds_synthetic.DtfSynthetic.BUILDER_CONFIGS}
   assert (configs['default'].num_train, configs['default'].num_val) == (800, 200)
   assert (configs['small'].num_train, configs['small'].num_val) == tuple(COUNTS.values())
-  for c in configs.values():
-    assert (c.frames, c.size, c.seed) == (FRAMES, SIZE, 0)
+  for name in ('default', 'small'):
+    c = configs[name]
+    assert (c.task, c.frames, c.size, c.seed) == ('motion', FRAMES, SIZE, 0)
+  c = configs['long_range']
+  assert (c.task, c.num_train, c.num_val, c.frames, c.size, c.seed) == ('long_range', 800, 200, 32,
+                                                                         64, 0)
+  c = configs['long_range_small']
+  assert (c.task, c.num_train, c.num_val, c.frames, c.size) == ('long_range', 24, 8, 32, 32)
 
 
 def test_info_classes_and_splits(data_dir):
@@ -138,3 +145,23 @@ def test_pipeline_reads_tfds_source(data_dir):
   with pytest.raises(FileNotFoundError, match='not prepared'):
     pipeline.make_source('tfds:dtf_synthetic/small', 'train', str(data_dir) + '_empty',
                          process_count=1)
+
+
+def test_long_range_small(tmp_path):
+  """Config ``long_range_small``: the long-range class names, labels and clips (32 x 32 x 32)."""
+  builder = tfds.builder('dtf_synthetic/long_range_small', data_dir=str(tmp_path))
+  builder.download_and_prepare()
+  info = builder.info
+  assert info.features['label'].names == list(synthetic.LONG_RANGE_CLASSES)
+  assert {name: s.num_examples for name, s in info.splits.items()} == {'train': 24,
+                                                                        'validation': 8}
+  assert str(info.version) == '2.0.0'
+  psnrs = []
+  for split, code, _ in synthetic.SPLITS:
+    for ex in tfds.as_numpy(builder.as_dataset(split=split)):
+      index = int(ex['id'].decode().split('/')[1])
+      assert ex['label'] == index % 4 and ex['video'].shape == (32, 32, 32, 3)
+      rendered = synthetic.render_long_range_clip(index % 4, synthetic.clip_rng(0, code, index),
+                                                  32, 32)
+      psnrs.append(_psnr(ex['video'], rendered))
+  assert len(psnrs) == 32 and min(psnrs) > 25, min(psnrs)

@@ -1,11 +1,12 @@
-"""Synthetic temporal dataset: 8 motion classes that no single frame can tell apart.
+"""Synthetic temporal datasets: classes that no single frame (or short window) can tell apart.
 
-    python -m dtf_jax.data.synthetic --output DIR [--num-train 800 --num-val 200 --frames 16 \\
-        --size 64 --seed 0 --workers 2]
+    python -m dtf_jax.data.synthetic --output DIR [--task motion --num-train 800 --num-val 200 \\
+        --frames 16 (32 for long_range) --size 64 --seed 0 --workers 2]
 
-Each clip shows one bright main object (box, ellipse or triangle) over a static random texture,
-with a second, darker distractor disk moving in a random direction, a small per-frame brightness
-flicker and Gaussian pixel noise. Classes are 4 kinds x 2 temporal directions:
+Task ``motion`` (the default). Each clip shows one bright main object (box, ellipse or triangle)
+over a static random texture, with a second, darker distractor disk moving in a random direction,
+a small per-frame brightness flicker and Gaussian pixel noise. Classes are 4 kinds x 2 temporal
+directions:
 
   0 moving_left          1 moving_right               (horizontal translation)
   2 moving_up            3 moving_down                (vertical translation)
@@ -19,20 +20,51 @@ clip (mean frame, sorted frames), carries no information about the direction; on
 order does. Before noise, the main object is always brighter (every channel >= 195) than the texture
 (<= 150) and the distractor (<= 160).
 
+Task ``long_range`` (``render_long_range_clip``; 32 frames by default, any ``frames >= 8``). The
+class is set by the two ends of the clip only: no window of up to ``T - 2 * (T // 4) + 1`` frames
+(17 of 32, 33 of 64) carries any information about it. A clip holds two pairs of colour flashes,
+one pair in the top half of the frame, one in the bottom half. Each flash is a saturated disk of
+one of 3 colours (red, green, blue: the cycle r -> g -> b -> r) lasting
+``d = max(1, (T + 6) // 12)`` frames (3 of 32, 5 of 64; it scales with T), at a random place in its
+half. Of each pair, one flash
+lies in the first quarter of the clip (frames ``< T // 4``), the other in the last quarter (frames
+``>= T - T // 4``), at random times; no two flashes share a frame. The early flash's colour is
+uniform, the late flash's colour is the next one in the cycle (the pair steps ``forward``) or the
+previous one (``backward``). Classes are (top pair, bottom pair) steps:
+
+  0 top_forward_bottom_forward     1 top_backward_bottom_backward
+  2 top_forward_bottom_backward    3 top_backward_bottom_forward
+
+As for ``motion``, ``render_long_range_clip(2k + 1, rng)`` is exactly ``render_long_range_clip(2k,
+rng)[::-1]``. Why nothing shorter than the clip decides the class (``long_range_events`` gives the
+flashes of a clip): every flash alone has a uniform colour whatever the class (the early colour is
+uniform, the late one a fixed step from it), the flashes' times and places, the texture and the
+distractors do not depend on the class, and the two pairs are independent; so a window that sees
+at most one flash of each pair, which every window of up to ``T - 2 * (T // 4) + 1`` frames does,
+has the same distribution of contents for every class. No frame-order-free statistic helps either:
+flashes never share a frame and the distractors carry no time (below), so the multiset of frames
+of a clip has the same distribution for every class (it holds one flash of each colour pair
+``{c, c + 1}`` per half, whichever comes first). A C2D model (per-frame features averaged over
+time, linear head) is therefore at chance; it takes a relation between the first and the last
+quarter. The distractors are a darker disk (every channel <= 160) at a new random place in every
+frame (so that no frame tells its time), the static texture (<= 150), a per-frame flicker and pixel
+noise. Before noise, inside a flash its colour's channel exceeds both others by >= 170; in the
+texture and the distractor every channel exceeds the others by < 130.
+
 Output in ``--output``:
   videos/{train,validation}/NNNNNN.mp4  H.264 (libx264, yuv420p, CRF 18; mpeg4 if libx264 is absent)
   train.txt, val.txt                    ``relative/path label_index`` (paths relative to videos/)
-  classes.txt                           class names, one per line (index = line)
+  classes.txt                           class names of the task, one per line (index = line)
   tfrecords/                            converter output (``dtf_jax.data.convert``): splits
                                         ``train`` and ``validation``, frames at the rendered size.
-  synthetic.json                        what is generated (``VERSION``, the arguments and
+  synthetic.json                        what is generated (``VERSION``, the task, the arguments and
                                         ``complete``): a run with the same arguments finds the
                                         dataset up to date and does nothing, or resumes one that
                                         was stopped; other arguments or another version need
                                         ``--overwrite``, which replaces the dataset.
 Clip ``i`` of a split is drawn from ``numpy.random.default_rng([seed, split_code, i])`` (train 0,
-validation 1) with label ``i % 8`` (balanced), so every file is determined by ``--seed`` and
-``VERSION`` alone.
+validation 1) with label ``i % num_classes`` (balanced), so every file is determined by ``--task``,
+``--seed`` and ``VERSION`` alone.
 """
 
 import argparse
@@ -60,6 +92,14 @@ CRF = 18
 VERSION = 2         # of the rendering: bump when render_clip's output changes (2: larger, faster
                     # rotations, which the quickstart learns reliably)
 SPEC_FILE = 'synthetic.json'
+
+TASKS = ('motion', 'long_range')
+DEFAULT_FRAMES = {'motion': 16, 'long_range': 32}
+LONG_RANGE_CLASSES = ('top_forward_bottom_forward', 'top_backward_bottom_backward',
+                      'top_forward_bottom_backward', 'top_backward_bottom_forward')
+FLASH_COLORS = ('red', 'green', 'blue')  # the cycle: forward is +1 (mod 3)
+FLASH_RGB = np.array([[235, 35, 35], [30, 225, 30], [40, 60, 255]], np.float32)
+LONG_RANGE_MIN_FRAMES = 8
 
 
 def _shape_sdf(shape: str, u: np.ndarray, v: np.ndarray, a: float, b: float) -> np.ndarray:
@@ -167,6 +207,110 @@ def render_clip(label: int, rng: np.random.Generator, frames: int = 16,
   return np.ascontiguousarray(out[::-1]) if backwards else out
 
 
+def flash_duration(frames: int) -> int:
+  """Frames a long-range flash lasts: ``max(1, (frames + 6) // 12)`` (3 of 32, 5 of 64)."""
+  return max(1, (frames + 6) // 12)
+
+
+def long_range_window(frames: int) -> int:
+  """The longest window (frames) that sees at most one flash of each long-range pair.
+
+  ``frames - 2 * (frames // 4) + 1``: a window holding both flashes of a pair reaches from the
+  first quarter (frames ``< frames // 4``) into the last (``>= frames - frames // 4``).
+  """
+  return frames - 2 * (frames // 4) + 1
+
+
+def _placement(rng: np.random.Generator, quarter: int, duration: int) -> np.ndarray:
+  """Starts ``(2,)`` of two non-overlapping flashes in ``[0, quarter)``, uniform over such pairs.
+
+  The set of pairs is symmetric under ``s -> quarter - duration - s`` (time reversal).
+  """
+  starts = range(quarter - duration + 1)
+  pairs = [(a, b) for a in starts for b in starts if abs(a - b) >= duration]
+  return np.array(pairs[rng.integers(len(pairs))])
+
+
+def long_range_events(label: int, rng: np.random.Generator, frames: int = 32) -> np.ndarray:
+  """The flashes of a long-range clip of class ``label``: ``int 4 3`` rows (start, half, colour).
+
+  ``half`` 0 is the top pair, 1 the bottom pair; ``colour`` indexes ``FLASH_COLORS``; every flash
+  lasts ``flash_duration(frames)`` frames from ``start``. Rows: top early, top late, bottom early,
+  bottom late (for odd labels, the clip is reversed, so "early" is the later flash). The draws from
+  ``rng`` do not depend on ``label``.
+  """
+  if not 0 <= label < len(LONG_RANGE_CLASSES):
+    raise ValueError(f'label {label} not in 0..{len(LONG_RANGE_CLASSES) - 1}')
+  if frames < LONG_RANGE_MIN_FRAMES:
+    raise ValueError(f'long_range needs frames >= {LONG_RANGE_MIN_FRAMES}, got {frames}')
+  kind, backwards = divmod(label, 2)
+  duration, quarter = flash_duration(frames), frames // 4
+  first = rng.integers(len(FLASH_COLORS), size=2)           # early colour of the top, bottom pair
+  early = _placement(rng, quarter, duration)
+  late = frames - duration - _placement(rng, quarter, duration)
+  steps = (1, 1 if kind == 0 else -1)                       # top, bottom (forward clip)
+  rows = []
+  for half in (0, 1):
+    rows.append((early[half], half, first[half]))
+    rows.append((late[half], half, (first[half] + steps[half]) % len(FLASH_COLORS)))
+  events = np.array(rows, np.int64)
+  if backwards:
+    events[:, 0] = frames - duration - events[:, 0]
+  return events
+
+
+def render_long_range_clip(label: int, rng: np.random.Generator, frames: int = 32,
+                           size: int = 64) -> np.ndarray:
+  """One long-range clip of class ``label`` -> ``uint8 T H W 3`` (T = ``frames``, H = W = ``size``).
+
+  The flashes are ``long_range_events(label, rng, frames)`` (drawn first); the draws from ``rng``
+  do not depend on ``label``, and the odd class of a pair is the even class's clip reversed in time.
+  """
+  events = long_range_events(label - label % 2, rng, frames)
+  duration, s = flash_duration(frames), float(size)
+  yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + np.float32(0.5)
+  canvas = np.broadcast_to(_background(rng, size).astype(np.float32),
+                           (frames, size, size, 3)).copy()
+
+  # Distractor: a darker disk at a new random place in every frame (no frame tells its time).
+  d_radius = np.float32(rng.uniform(0.06, 0.10) * s)
+  d_color = rng.uniform(90.0, 160.0, 3).astype(np.float32)
+  d_pos = rng.uniform(0.1, 0.9, (2, frames)) * s
+  dist = np.hypot(xx - _col(d_pos[0]), yy - _col(d_pos[1])) - d_radius
+  _draw(canvas, np.clip(0.5 - dist, 0.0, 1.0), d_color)
+
+  for start, half, colour in events:
+    radius = rng.uniform(0.12, 0.15) * s
+    cx = rng.uniform(0.2, 0.8) * s
+    cy = (rng.uniform(0.18, 0.32) + 0.5 * half) * s  # top half or bottom half, disjoint disks
+    rgb = np.minimum(FLASH_RGB[colour] + rng.uniform(-10.0, 10.0, 3), 255.0).astype(np.float32)
+    alpha = np.clip(0.5 - (np.hypot(xx - cx, yy - cy) - radius), 0.0, 1.0)
+    _draw(canvas[start:start + duration], np.broadcast_to(alpha, (duration, size, size)), rgb)
+
+  flicker = rng.normal(0.0, FLICKER_STD, (frames, 1, 1, 1)).astype(np.float32)
+  noise = rng.standard_normal((frames, size, size, 3), dtype=np.float32) * NOISE_STD
+  out = np.clip(np.rint(canvas + flicker + noise), 0, 255).astype(np.uint8)
+  return np.ascontiguousarray(out[::-1]) if label % 2 else out
+
+
+def task_classes(task: str) -> tuple:
+  """The class names of ``task`` (one of ``TASKS``)."""
+  _check_task(task)
+  return CLASSES if task == 'motion' else LONG_RANGE_CLASSES
+
+
+def render(task: str, label: int, rng: np.random.Generator, frames: int, size: int) -> np.ndarray:
+  """One clip of ``task`` -> ``uint8 T H W 3``: ``render_clip`` or ``render_long_range_clip``."""
+  _check_task(task)
+  renderer = render_clip if task == 'motion' else render_long_range_clip
+  return renderer(label, rng, frames, size)
+
+
+def _check_task(task: str) -> None:
+  if task not in TASKS:
+    raise ValueError(f'task {task!r} is not one of {TASKS}')
+
+
 def clip_rng(seed: int, split_code: int, index: int) -> np.random.Generator:
   """The generator of clip ``index`` of a split (``split_code`` 0: train, 1: validation)."""
   return np.random.default_rng([seed, split_code, index])
@@ -219,11 +363,11 @@ def write_mp4(path: str, frames: np.ndarray, fps: int = 12, codec: Optional[str]
   storage.write_bytes(path, buffer.getvalue())
 
 
-def _write_clips(task):
+def _write_clips(job):
   """Worker: renders and writes clips ``[(path, label, split_code, index)]``; returns a count."""
-  clips, seed, frames, size, fps, codec = task
+  clips, task, seed, frames, size, fps, codec = job
   for path, label, code, index in clips:
-    write_mp4(path, render_clip(label, clip_rng(seed, code, index), frames, size), fps, codec)
+    write_mp4(path, render(task, label, clip_rng(seed, code, index), frames, size), fps, codec)
   return len(clips)
 
 
@@ -231,12 +375,14 @@ def _write_lines(path: str, lines: Sequence[str]) -> None:
   storage.write_text(path, ''.join(line + '\n' for line in lines))
 
 
-def generate(output_dir: str, num_train: int = 800, num_val: int = 200, frames: int = 16,
-             size: int = 64, seed: int = 0, workers: int = 2, fps: int = 12,
-             videos_per_shard: int = 50, jpeg_quality: int = 90, convert: bool = True,
-             convert_workers: int = 1, overwrite: bool = False,
-             progress_interval: float = 2.0) -> Dict:
-  """Writes the videos, lists and (``convert``) TFRecords; returns a dict.
+def generate(output_dir: str, num_train: int = 800, num_val: int = 200,
+             frames: Optional[int] = None, size: int = 64, seed: int = 0, workers: int = 2,
+             fps: int = 12, videos_per_shard: int = 50, jpeg_quality: int = 90,
+             convert: bool = True, convert_workers: int = 1, overwrite: bool = False,
+             progress_interval: float = 2.0, task: str = 'motion') -> Dict:
+  """Writes the videos, lists and (``convert``) TFRecords of ``task``; returns a dict.
+
+  ``frames`` defaults to ``DEFAULT_FRAMES[task]`` (16 for motion, 32 for long_range).
 
   Keys: ``paths`` (``videos``, ``classes``, ``train.txt``, ``val.txt``, ``tfrecords``),
   ``timing``, ``bytes``, ``codec`` and ``manifests`` (the converter's, per split).
@@ -246,6 +392,10 @@ def generate(output_dir: str, num_train: int = 800, num_val: int = 200, frames: 
   ``bytes`` the size on disk of ``videos`` and ``tfrecords``.
   """
   from dtf_jax.data import convert as convert_lib  # pylint: disable=import-outside-toplevel
+  classes = task_classes(task)
+  frames = DEFAULT_FRAMES[task] if frames is None else frames
+  if task == 'long_range' and frames < LONG_RANGE_MIN_FRAMES:
+    raise ValueError(f'long_range needs frames >= {LONG_RANGE_MIN_FRAMES}, got {frames}')
   start = time.monotonic()
   root = storage.path(output_dir)
   video_root = str(root / 'videos')
@@ -253,12 +403,12 @@ def generate(output_dir: str, num_train: int = 800, num_val: int = 200, frames: 
   paths = {'videos': video_root, 'classes': str(root / 'classes.txt'),
            'tfrecords': str(root / 'tfrecords'),
            **{list_name: str(root / list_name) for _, _, list_name in SPLITS}}
-  spec = {'version': VERSION, 'num_train': num_train, 'num_val': num_val, 'frames': frames,
-          'size': size, 'seed': seed, 'fps': fps, 'codec': codec, 'convert': convert,
-          'videos_per_shard': videos_per_shard, 'jpeg_quality': jpeg_quality}
+  spec = {'version': VERSION, 'task': task, 'num_train': num_train, 'num_val': num_val,
+          'frames': frames, 'size': size, 'seed': seed, 'fps': fps, 'codec': codec,
+          'convert': convert, 'videos_per_shard': videos_per_shard, 'jpeg_quality': jpeg_quality}
   if _up_to_date(root, spec, overwrite):  # else the record says: under way
-    print(f'synthetic: {output_dir} is up to date (version {VERSION}, seed {seed}); nothing to do',
-          flush=True)
+    print(f'synthetic: {output_dir} is up to date ({task}, version {VERSION}, seed {seed}); '
+          'nothing to do', flush=True)
     manifests = {split: storage.read_json(root / 'tfrecords' / f'{split}-manifest.json')
                  for split, _, _ in SPLITS} if convert else {}
     return {'paths': paths, 'timing': {'videos': 0.0, 'convert': 0.0, 'total': 0.0},
@@ -267,20 +417,20 @@ def generate(output_dir: str, num_train: int = 800, num_val: int = 200, frames: 
   root.mkdir(parents=True, exist_ok=True)
   storage.write_json(root / SPEC_FILE, dict(spec, complete=False), sort_keys=True)
   counts = {'train': num_train, 'validation': num_val}
-  tasks, total = [], 0
+  jobs, total = [], 0
   for split, code, list_name in SPLITS:
     (root / 'videos' / split).mkdir(parents=True, exist_ok=True)
-    rels = [(f'{split}/{i:06d}.mp4', i % len(CLASSES), i) for i in range(counts[split])]
+    rels = [(f'{split}/{i:06d}.mp4', i % len(classes), i) for i in range(counts[split])]
     _write_lines(paths[list_name], [f'{r} {label}' for r, label, _ in rels])
     clips = [(str(root / 'videos' / r), label, code, i) for r, label, i in rels]
     chunk = 25
-    tasks += [(clips[j:j + chunk], seed, frames, size, fps, codec)
+    jobs += [(clips[j:j + chunk], task, seed, frames, size, fps, codec)
               for j in range(0, len(clips), chunk)]
     total += len(clips)
-  _write_lines(paths['classes'], CLASSES)
+  _write_lines(paths['classes'], classes)
 
-  print(f'synthetic: {num_train} train + {num_val} validation clips of {frames}x{size}x{size}, '
-        f'{codec}, seed {seed} -> {output_dir}', flush=True)
+  print(f'synthetic: {task}, {num_train} train + {num_val} validation clips of '
+        f'{frames}x{size}x{size}, {codec}, seed {seed} -> {output_dir}', flush=True)
   done, last = 0, time.monotonic()
 
   def report(n):
@@ -293,14 +443,14 @@ def generate(output_dir: str, num_train: int = 800, num_val: int = 200, frames: 
       print(f'[videos] {done}/{total} clips, {rate:.1f} clips/s, {now - start:.1f}s elapsed',
             flush=True)
 
-  if workers > 1 and len(tasks) > 1:
+  if workers > 1 and len(jobs) > 1:
     # spawn: the parent may hold TensorFlow, which is not fork-safe.
-    with multiprocessing.get_context('spawn').Pool(min(workers, len(tasks))) as pool:
-      for n in pool.imap_unordered(_write_clips, tasks):
+    with multiprocessing.get_context('spawn').Pool(min(workers, len(jobs))) as pool:
+      for n in pool.imap_unordered(_write_clips, jobs):
         report(n)
   else:
-    for task in tasks:
-      report(_write_clips(task))
+    for job in jobs:
+      report(_write_clips(job))
   t_videos = time.monotonic() - start
 
   manifests = {}
@@ -336,6 +486,8 @@ def _up_to_date(root, spec: Dict, overwrite: bool) -> bool:
   record = root / SPEC_FILE
   old = storage.read_json(record) if record.exists() else None
   complete = old.pop('complete', False) if old is not None else False
+  if old is not None:
+    old.setdefault('task', 'motion')  # records written before the long-range task
   if old == spec:
     if complete:
       return True
@@ -373,9 +525,12 @@ def parse_args(argv: Optional[List[str]] = None):
                                    formatter_class=argparse.RawDescriptionHelpFormatter,
                                    epilog=__doc__.split('\n', 1)[1])
   parser.add_argument('--output', required=True, help='output directory (created).')
+  parser.add_argument('--task', choices=TASKS, default='motion',
+                      help='motion (8 classes, default) or long_range (4 classes).')
   parser.add_argument('--num-train', type=int, default=800, help='train clips (default 800).')
   parser.add_argument('--num-val', type=int, default=200, help='validation clips (default 200).')
-  parser.add_argument('--frames', type=int, default=16, help='frames per clip (default 16).')
+  parser.add_argument('--frames', type=int, default=None,
+                      help='frames per clip (default 16 for motion, 32 for long_range).')
   parser.add_argument('--size', type=int, default=64,
                       help='frame height = width in pixels, a multiple of 4 (default 64).')
   parser.add_argument('--fps', type=int, default=12, help='frame rate of the videos (default 12).')
@@ -399,9 +554,13 @@ def parse_args(argv: Optional[List[str]] = None):
                            'version (without it, that is an error; the same arguments again find '
                            'the dataset up to date and do nothing, or resume a stopped run).')
   args = parser.parse_args(argv)
-  if args.num_train < 0 or args.num_val < 0 or args.frames < 2 or args.workers < 1 \
+  if args.frames is None:
+    args.frames = DEFAULT_FRAMES[args.task]
+  min_frames = LONG_RANGE_MIN_FRAMES if args.task == 'long_range' else 2
+  if args.num_train < 0 or args.num_val < 0 or args.frames < min_frames or args.workers < 1 \
       or args.convert_workers < 1:
-    parser.error('--num-train/--num-val must be >= 0, --frames >= 2, workers >= 1')
+    parser.error(f'--num-train/--num-val must be >= 0, --frames >= {min_frames} (--task '
+                 f'{args.task}), workers >= 1')
   if args.size < 16 or args.size % 4:
     parser.error('--size must be a multiple of 4 and >= 16 (yuv420p planes)')
   if not 1 <= args.jpeg_quality <= 100:
@@ -415,7 +574,7 @@ def main(argv: Optional[List[str]] = None) -> int:
   generate(args.output, args.num_train, args.num_val, args.frames, args.size, args.seed,
            args.workers, args.fps, args.videos_per_shard, args.jpeg_quality,
            convert=not args.no_convert, convert_workers=args.convert_workers,
-           overwrite=args.overwrite)
+           overwrite=args.overwrite, task=args.task)
   return 0
 
 
