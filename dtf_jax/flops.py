@@ -13,11 +13,20 @@ What is counted, per op (one MAC = one real multiply-add):
   ``dtf_jax.layers.spectral`` computes them; an XLA ``fft`` op is counted the same way);
 * ``dtf_elementwise``: the frame-wise correlation and aggregation (one MAC per product, ``K2 C``
   per location each) and the complex modulation (4 per complex product). These are the
-  multiplies traced under :data:`dtf_jax.layers.aggregation.COUNTED_SCOPE`.
+  multiplies traced under :data:`dtf_jax.layers.aggregation.COUNTED_SCOPE`;
+* ``temporal_conv``: the convolutions and matmuls of the baseline temporal modules
+  (``dtf_jax.layers.baselines``, traced under its ``BASELINE_SCOPE``: temporal conv, the dynamic
+  conv's tap predictor, the correlation and difference modules' 1x1 and 3x3 convs), counted as
+  ``conv`` and ``linear`` are;
+* ``temporal_elementwise``: the baselines' per-element products (the dynamic conv's taps applied,
+  ``K`` per element; the next-frame correlation, ``K2 C`` per location), their multiplies under
+  ``COUNTED_SCOPE``. The temporal shift and the frame differences have no multiplies.
 
 Normalisations, activations, softmax, pooling and additions are not counted (as in the usual
-counters). ``conventions`` gives the weight of each category in a total; ``'paper'`` is how the
-published GFLOPs were counted (see ``PAPER_CONVENTION_NOTE``).
+counters), nor is the per-channel ``alpha`` scaling of a temporal module's output. ``CONVENTIONS``
+gives the weight of each category in a total; ``'paper'`` is how the published GFLOPs were counted
+(see ``PAPER_CONVENTION_NOTE``): what the usual layer-hook counters see (convolutions and linear
+layers, the temporal modules' included), and no elementwise product, which they do not see.
 """
 
 import collections
@@ -28,21 +37,23 @@ import numpy as np
 from jax.extend import core as jex_core
 
 from dtf_jax.layers.aggregation import COUNTED_SCOPE
+from dtf_jax.layers.baselines import BASELINE_SCOPE
 from dtf_jax.layers.dtf import MIXING_SCOPE
 from dtf_jax.layers.spectral import DFT_SCOPE
 
 CATEGORIES = ('conv', 'linear', 'attention', 'dtf_estimator', 'dtf_mixing', 'dtf_fft',
-              'dtf_elementwise')
+              'dtf_elementwise', 'temporal_conv', 'temporal_elementwise')
 
 # Weight of each category's MACs in a convention's total.
 CONVENTIONS = {
     'ours': {c: 1.0 for c in CATEGORIES},
     'paper': dict(conv=1.0, linear=1.0, attention=1.0, dtf_estimator=1.0, dtf_mixing=0.25,
-                  dtf_fft=0.0, dtf_elementwise=0.0),
+                  dtf_fft=0.0, dtf_elementwise=0.0, temporal_conv=1.0, temporal_elementwise=0.0),
 }
 PAPER_CONVENTION_NOTE = (
-    'convolutions and matmuls as here, but a complex multiply-add counted as 1 (not 4), and the '
-    'FFTs, correlation, aggregation and modulation not counted')
+    'convolutions and matmuls as here (temporal modules included), but a complex multiply-add '
+    'counted as 1 (not 4), and the FFTs and elementwise products (correlation, aggregation, '
+    'modulation, dynamic-conv taps) not counted')
 
 
 def _size(aval) -> int:
@@ -65,7 +76,8 @@ def _eqn_macs(eqn, scope: str):
   if name == 'conv_general_dilated':
     out, rhs = eqn.outvars[0].aval, eqn.invars[1].aval
     out_channels = rhs.shape[eqn.params['dimension_numbers'].rhs_spec[0]]
-    return 'conv', _size(out) * _size(rhs) // out_channels
+    category = 'temporal_conv' if BASELINE_SCOPE in scope else 'conv'
+    return category, _size(out) * _size(rhs) // out_channels
   if name == 'dot_general':
     lhs, rhs = eqn.invars[0].aval, eqn.invars[1].aval
     (lhs_contract, _), _ = eqn.params['dimension_numbers']
@@ -73,6 +85,8 @@ def _eqn_macs(eqn, scope: str):
     macs *= _complex_factor(lhs, rhs)
     if MIXING_SCOPE in scope:
       return 'dtf_mixing', macs
+    if BASELINE_SCOPE in scope:
+      return 'temporal_conv', macs
     if '/temporal' in scope:
       return 'dtf_estimator', macs
     is_param_matmul = any(s in scope for s in ('/qkv', '/proj', '/mlp', '/head', '/reduction'))
@@ -92,7 +106,8 @@ def _eqn_macs(eqn, scope: str):
     return 'dtf_fft', _size(eqn.outvars[0].aval)
   if name == 'mul' and COUNTED_SCOPE in scope:
     factor = _complex_factor(eqn.invars[0].aval, eqn.invars[1].aval)
-    return 'dtf_elementwise', factor * _size(eqn.outvars[0].aval)
+    category = 'temporal_elementwise' if BASELINE_SCOPE in scope else 'dtf_elementwise'
+    return category, factor * _size(eqn.outvars[0].aval)
   return None
 
 

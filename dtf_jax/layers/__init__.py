@@ -1,4 +1,5 @@
-"""Layers: the DTF block, PyTorch-semantics batch norm, the temporal-module registry."""
+"""Layers: the DTF block, the baseline temporal modules, PyTorch-semantics batch norm, the
+temporal-module registry."""
 
 from dtf_jax.layers.dtf import DTFBlock
 from dtf_jax.layers.norm import BatchNorm

@@ -14,6 +14,12 @@ expansion factor. The semantics are those of the official implementation (see SP
 4. complex modulation, complex channel mixing, batch norm of the spectrum (real and imaginary
    parts pooled), scaling by ``alpha`` (zero at init, so the block starts as the identity);
 5. ``irfft`` back to time and a residual: ``out = x + irfft(...) + bias``.
+
+Ablation switches (the paper's Table 1, see ``dtf_jax.layers.temporal``): ``aggregation=False``
+takes the spectrum (and the estimator's features) of ``x`` itself; ``correlation=False`` gives the
+estimator the features only (``C`` input rows, not ``C + K2``); ``fixed_filter=True`` replaces the
+estimated filter by a learned static one per bin and channel (``F C``, complex), so the modulation
+is a fixed circular convolution along time.
 """
 
 from typing import Any
@@ -22,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dtf_jax.layers.aggregation import COUNTED_SCOPE, frame_wise_aggregation
+from dtf_jax.layers.aggregation import COUNTED_SCOPE, frame_correlation, frame_wise_aggregation
 from dtf_jax.layers.norm import BatchNorm
 from dtf_jax.layers.spectral import irfft_time, rfft_time
 
@@ -39,6 +45,21 @@ def expand_filter(g, channels: int, num_bins: int, group_factor: int):
   b, h, w, _ = g.shape
   full = jnp.repeat(g, group_factor, axis=-1).reshape(b, h, w, channels, num_bins, 2)
   return jnp.transpose(full, (0, 4, 1, 2, 3, 5))
+
+
+def modulate(s_re, s_im, f_re, f_im):
+  """Complex product ``(s_re + i s_im) (f_re + i f_im)`` in real arithmetic, 4 real MACs each.
+
+  Any broadcastable shapes (``B F H W C`` spectrum, filter ``B F H W C`` or ``F 1 1 C``) -> the
+  broadcast shape, as ``(re, im)``.
+  """
+  with jax.named_scope(COUNTED_SCOPE):
+    return s_re * f_re - s_im * f_im, s_re * f_im + s_im * f_re
+
+
+def all_pass_filter(_, shape, dtype=jnp.float32):
+  """Initial static filter ``F C 2``: 1 + 0i in every bin (the modulation starts as the identity)."""
+  return jnp.stack([jnp.ones(shape[:-1], dtype), jnp.zeros(shape[:-1], dtype)], axis=-1)
 
 
 def complex_mixing(real, imag, kernel):
@@ -64,46 +85,68 @@ class DTFBlock(nn.Module):
     dtype: compute dtype of the spatial part; the spectral part (DFTs, modulation, mixing, norm)
       always runs in float32.
     fa_impl: implementation of the frame-wise aggregation, one of
-      ``dtf_jax.layers.aggregation.FA_IMPLS`` (same values; ``'auto'`` picks per backend).
+      ``dtf_jax.layers.aggregation.FA_IMPLS`` (same values; ``'auto'`` picks per backend). The
+      correlation alone (``aggregation=False, correlation=True``) always runs as ``'scan'``.
+    aggregation: apply the frame-wise aggregation; if False the spectrum and the estimator's
+      features are those of the block input.
+    correlation: feed the correlation map to the filter estimator (its kernel then has
+      ``C + K2`` input rows per time step, else ``C``).
+    fixed_filter: a learned static filter ``F C`` (complex, all-pass at init, parameter
+      ``static_filter: F C 2``) instead of the estimated one; no estimator, so ``correlation``
+      and ``group_factor`` play no part.
   """
   kernel_size: int = 3
   group_factor: int = 16
   dtype: Any = jnp.float32
   fa_impl: str = 'auto'
+  aggregation: bool = True
+  correlation: bool = True
+  fixed_filter: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     _, time, _, _, channels = x.shape
     k2 = self.kernel_size ** 2
     bins = time // 2 + 1
-    if (channels * bins * 2) % self.group_factor:
+    estimated = not self.fixed_filter
+    if estimated and (channels * bins * 2) % self.group_factor:
       raise ValueError(
           f'DTFBlock: channels * (T//2 + 1) * 2 = {channels} * {bins} * 2 must be divisible by the '
           f'group factor G={self.group_factor}.')
     estimator_out = channels * bins * 2 // self.group_factor
     x = x.astype(self.dtype)
 
-    # 1. Frame-wise aggregation.
-    aggregated, corr = frame_wise_aggregation(x, self.kernel_size, self.fa_impl)
+    # 1. Frame-wise aggregation (or only the correlation that it computes, or neither).
+    use_corr = estimated and self.correlation
+    if self.aggregation:
+      aggregated, corr = frame_wise_aggregation(x, self.kernel_size, self.fa_impl)
+    else:
+      aggregated = x
+      corr = frame_correlation(x, self.kernel_size) if use_corr else None
 
     # 2. Spectrum along time.
     s_re, s_im = rfft_time(aggregated)  # float32
 
-    # 3. Filter estimator: 1x1 conv over (time x [features, correlation]).
-    kernel = self.param(
-        'filter_kernel',
-        nn.initializers.variance_scaling(2.0, 'fan_out', 'normal', in_axis=(0, 1), out_axis=-1),
-        (time, channels + k2, estimator_out), jnp.float32)
-    kernel = kernel.astype(self.dtype)
-    g = (jnp.einsum('bthwc,tco->bhwo', aggregated, kernel[:, :channels])
-         + jnp.einsum('bthwk,tko->bhwo', corr.astype(self.dtype), kernel[:, channels:]))
-    filt = expand_filter(g.astype(jnp.float32), channels, bins, self.group_factor)
+    # 3. Filter: estimated per location by a 1x1 conv over (time x [features, correlation]), or
+    # static per bin and channel.
+    if estimated:
+      kernel = self.param(
+          'filter_kernel',
+          nn.initializers.variance_scaling(2.0, 'fan_out', 'normal', in_axis=(0, 1), out_axis=-1),
+          (time, channels + k2 if use_corr else channels, estimator_out), jnp.float32)
+      kernel = kernel.astype(self.dtype)
+      g = jnp.einsum('bthwc,tco->bhwo', aggregated, kernel[:, :channels])
+      if use_corr:
+        g = g + jnp.einsum('bthwk,tko->bhwo', corr.astype(self.dtype), kernel[:, channels:])
+      filt = expand_filter(g.astype(jnp.float32), channels, bins, self.group_factor)
+      f_re, f_im = filt[..., 0], filt[..., 1]
+    else:
+      filt = self.param('static_filter', all_pass_filter, (bins, channels, 2), jnp.float32)
+      f_re, f_im = filt[:, None, None, :, 0], filt[:, None, None, :, 1]  # F 1 1 C
 
     # 4. Complex modulation (real arithmetic), complex channel mixing (weight [real|imag, C_in,
     # C_out]), batch norm of the spectrum with real and imaginary parts pooled.
-    f_re, f_im = filt[..., 0], filt[..., 1]
-    with jax.named_scope(COUNTED_SCOPE):
-      m_re, m_im = s_re * f_re - s_im * f_im, s_re * f_im + s_im * f_re
+    m_re, m_im = modulate(s_re, s_im, f_re, f_im)
     mix = self.param('mix_kernel', nn.initializers.normal(0.02), (2, channels, channels),
                      jnp.float32)
     parts = complex_mixing(m_re, m_im, mix)  # B F H W 2 C

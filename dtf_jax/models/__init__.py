@@ -3,7 +3,8 @@
 Names: ``c2d_r50``, ``dtf_r50``, ``c2d_r101``, ``dtf_r101`` (ResNet, see ``resnet.py``) and
 ``c2d_swin_{t,s,b,l}``, ``dtf_swin_{t,s,b,l}`` (Swin, see ``swin.py``). ``c2d_*`` are the same
 backbones without a temporal module. Keyword arguments are the model's attributes; those that fix
-the architecture of a name (e.g. ``temporal``) may still be overridden for ablations.
+the architecture of a name (e.g. ``temporal``) may still be overridden for ablations (``temporal``
+takes any name of ``dtf_jax.layers.temporal.TEMPORAL_MODULES``).
 """
 
 import dataclasses
@@ -18,7 +19,7 @@ from flax import traverse_util
 
 from dtf_jax.layers.aggregation import FA_IMPLS
 from dtf_jax.layers.dtf import DTFBlock
-from dtf_jax.layers.temporal import TEMPORAL_MODULES
+from dtf_jax.layers.temporal import FILTER_ESTIMATOR_NAMES, TEMPORAL_MODULES
 from dtf_jax.models.common import REMAT_OPTIONS  # noqa: F401 (the values of `remat`)
 from dtf_jax.models.resnet import ResNet
 from dtf_jax.models.swin import SwinTransformer
@@ -198,7 +199,7 @@ def check_model_args(name: str, args: Dict[str, Any]) -> None:
     channel_arg = 'embed_dim'
 
   steps, rem = divmod(args['clip_length'], args['early_stride'])
-  if args['temporal'] == 'dtf' and not rem:
+  if args['temporal'] in FILTER_ESTIMATOR_NAMES and not rem:
     bins, group = steps // 2 + 1, DTFBlock.group_factor
     for stage, c in channels.items():
       if (c * bins * 2) % group:

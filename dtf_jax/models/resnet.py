@@ -64,8 +64,9 @@ class ResNet(nn.Module):
     num_classes: classifier outputs.
     clip_length: input frames ``T``; the temporal module sees ``T // early_stride`` steps.
     early_stride: time kernel and stride of the stem.
-    temporal: temporal module name (``'dtf'`` or ``'none'`` for C2D), see ``dtf_jax.layers.temporal``.
-    dtf_stages: stages (1-4) whose bottlenecks carry the temporal module.
+    temporal: temporal module name (``'dtf'``, ``'none'`` for C2D, or a baseline or ablation of
+      ``dtf_jax.layers.temporal.TEMPORAL_MODULES``).
+    dtf_stages: stages (1-4) whose bottlenecks carry the temporal module (whichever it is).
     width: channels of the stem and of stage 1 (64 for the real models; smaller for tests).
     dropout_rate: dropout before the classifier.
     drop_path_rate: stochastic depth, linearly increasing over blocks (0 in the official models).

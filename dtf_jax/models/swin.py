@@ -168,7 +168,8 @@ class SwinTransformer(nn.Module):
     patch_norm: LayerNorm after the tubelet embedding. Off in the official DTF-Transformer (and so
       for its checkpoints); ImageNet Swin checkpoints carry one, and inflating them turns it on so
       that the video model starts as the 2D network.
-    temporal: temporal module in the blocks with effective shift 0 (``'dtf'`` or ``'none'``).
+    temporal: temporal module in the blocks with effective shift 0 (``'dtf'``, ``'none'``, or a
+      name of ``dtf_jax.layers.temporal.TEMPORAL_MODULES``).
     mlp_ratio: MLP hidden size / dim.
     dropout_rate: dropout before the classifier.
     drop_path_rate: stochastic depth, linear from 0 over all blocks (Swin-B: 0.5).

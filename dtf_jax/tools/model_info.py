@@ -15,6 +15,13 @@ instead (``dtf_jax.train.step``: forward, backward and the SGD-momentum update o
     python -m dtf_jax.tools.model_info --model dtf_swin_b --clip-length 64 --size 224 \\
         --dtype bfloat16 --train --batch 4 --remat block
 
+``--temporal NAME`` replaces the model's temporal module (any name of
+``dtf_jax.layers.temporal.TEMPORAL_MODULES``: the paper's baselines and ablations) and, for
+ResNets, ``--dtf-stages 4`` (or ``1,2,3,4``) chooses the stages that carry it:
+
+    python -m dtf_jax.tools.model_info --model dtf_r50 --temporal dtf_1d --dtf-stages 4 \\
+        --no-compile
+
 Memory is XLA's buffer assignment of the compiled program, per device (nothing is run):
 peak = arguments + temporaries + outputs - aliased (outputs written into donated arguments, the
 new train state, count once). Temporaries are already packed by liveness (buffers that are never
@@ -34,6 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from dtf_jax import flops
+from dtf_jax.layers.temporal import TEMPORAL_MODULES
 from dtf_jax.models import REMAT_OPTIONS, create_model, list_models, model_spec, size_kwargs
 
 
@@ -48,6 +56,15 @@ def int_at_least(minimum: int):
       raise argparse.ArgumentTypeError(f'must be >= {minimum}, got {value}')
     return value
   return parse
+
+
+def int_list(text: str):
+  """argparse ``type``: comma-separated ints, e.g. ``4`` or ``1,2,3,4``."""
+  try:
+    return tuple(int(part) for part in text.split(','))
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f'expected comma-separated ints (e.g. 4 or 1,2,3,4), got {text!r}') from None
 
 
 def usage_error(message: str):
@@ -79,9 +96,27 @@ def parse_args(argv=None):
   parser.add_argument('--remat', choices=REMAT_OPTIONS, default='none',
                       help="what the backward pass recomputes (the model's remat): none, block "
                            "(each bottleneck / Swin block), dtf (each DTF block). Default none.")
+  parser.add_argument('--temporal', choices=sorted(TEMPORAL_MODULES), default=None,
+                      help="replaces the model's temporal module (default: the model's own).")
+  parser.add_argument('--dtf-stages', type=int_list, default=None,
+                      help='ResNet only: the stages carrying the temporal module, e.g. 4 or '
+                           "1,2,3,4 (default: the model's own, all four).")
   parser.add_argument('--no-compile', action='store_true',
                       help='skip compiling (parameters and GFLOPs only).')
-  return parser.parse_args(argv)
+  args = parser.parse_args(argv)
+  if args.dtf_stages is not None and model_spec(args.model).family != 'resnet':
+    parser.error(f'--dtf-stages applies to ResNet models only, not --model {args.model}')
+  return args
+
+
+def model_overrides(args) -> dict:
+  """The create_model / config.model arguments that ``--temporal`` and ``--dtf-stages`` set."""
+  overrides = {}
+  if args.temporal is not None:
+    overrides['temporal'] = args.temporal
+  if args.dtf_stages is not None:
+    overrides['dtf_stages'] = args.dtf_stages
+  return overrides
 
 
 def fixed_correlation_weights(params) -> int:
@@ -106,6 +141,8 @@ def compile_train_step(args):
   config.data.clip_length, config.data.size = args.clip_length, args.size
   config.data.num_classes, config.compute_dtype = args.num_classes, args.dtype
   config.model.remat = args.remat
+  for key, value in model_overrides(args).items():
+    config.model[key] = value
   config.batch_size = args.batch * jax.device_count()
   s = setup(config, with_train_data=False)
   batch = {'video': jax.ShapeDtypeStruct(
@@ -139,7 +176,7 @@ def describe(args) -> dict:
   """Computes the report as a dict (also used by tests)."""
   model = create_model(args.model, num_classes=args.num_classes, clip_length=args.clip_length,
                        dtype=jnp.dtype(args.dtype), remat=args.remat,
-                       **size_kwargs(args.model, args.size))
+                       **size_kwargs(args.model, args.size), **model_overrides(args))
   view = jax.ShapeDtypeStruct((1, args.clip_length, args.size, args.size, 3), jnp.float32)
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), view)
   report = {
@@ -165,8 +202,9 @@ def describe(args) -> dict:
 
 def main(argv=None):
   args = parse_args(argv)
+  variant = ''.join(f', {k} {v}' for k, v in model_overrides(args).items())
   print(f'{args.model}: {args.clip_length} frames x {args.size}x{args.size}, '
-        f'{args.num_classes} classes, {args.dtype}')
+        f'{args.num_classes} classes, {args.dtype}{variant}')
   try:
     report = describe(args)
   except ValueError as e:  # the model cannot be built, or cannot take --clip-length / --size
