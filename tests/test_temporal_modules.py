@@ -80,7 +80,9 @@ def test_module_shape_identity_gradients_bf16(name, x):
 
   variables = _randomized(variables) if 'params' in variables else variables
   params = variables.get('params', {})
-  loss = lambda p, v: jnp.sum(jnp.sin(_apply(module, dict(variables, params=p), v, train=True)))  # noqa: E731
+
+  def loss(p, v):
+    return jnp.sum(jnp.sin(_apply(module, dict(variables, params=p), v, train=True)))
   g_params, g_x = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
   for leaf in jax.tree_util.tree_leaves((g_params, g_x)):
     assert np.all(np.isfinite(leaf))
@@ -119,7 +121,7 @@ def test_temporal_conv_is_a_kernel3_conv_along_time(x):
   module = _module('dtf_1d')
   variables = _randomized(_init(module, x))
   p = variables['params']
-  kernel, alpha = np.asarray(p['conv']['kernel'])[:, 0, 0], np.asarray(p['alpha'])  # K C C
+  kernel, alpha = np.asarray(p['kernel']), np.asarray(p['alpha'])  # K C C
   xn = np.pad(np.asarray(x, np.float64), ((0, 0), (1, 1), (0, 0), (0, 0), (0, 0)))
   y = np.zeros(SHAPE)
   for t in range(SHAPE[1]):
@@ -172,7 +174,7 @@ def test_fixed_filter_block_is_a_fixed_circular_conv_with_channel_mixing(x):
   variables = _randomized(_init(block, x))
   p = variables['params']
   assert set(p) == {'static_filter', 'mix_kernel', 'alpha', 'bias'}
-  time, c = SHAPE[1], SHAPE[-1]
+  time = SHAPE[1]
   filt = np.asarray(p['static_filter'][..., 0]) + 1j * np.asarray(p['static_filter'][..., 1])
   mix = np.asarray(p['mix_kernel'][0]) + 1j * np.asarray(p['mix_kernel'][1])  # C_in C_out
   scale = np.asarray(p['alpha']) / np.sqrt(1 + 1e-5)

@@ -58,7 +58,7 @@ def modulate(s_re, s_im, f_re, f_im):
 
 
 def all_pass_filter(_, shape, dtype=jnp.float32):
-  """Initial static filter ``F C 2``: 1 + 0i in every bin (the modulation starts as the identity)."""
+  """Initial static filter ``F C 2``: 1 + 0i in every bin (the modulation starts as identity)."""
   return jnp.stack([jnp.ones(shape[:-1], dtype), jnp.zeros(shape[:-1], dtype)], axis=-1)
 
 
