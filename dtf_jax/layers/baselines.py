@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from dtf_jax.layers.aggregation import COUNTED_SCOPE, neighbour_dots, shift_to_previous_frame
+from dtf_jax.layers.conv import FrameConv
 
 # The baselines' operations run under this scope (see dtf_jax/flops.py).
 BASELINE_SCOPE = 'temporal_baseline'
@@ -43,7 +44,7 @@ def pad_time(x, kernel_size: int):
 class TemporalConv(nn.Module):
   """A learned temporal convolution (``dtf_1d``).  ``B T H W C -> B T H W C``.
 
-  ``y[t] = sum_k x[t + k - K//2] @ W[k]`` (zero padded in time), ``W: K C C``, one kernel shared
+  ``y[t] = sum_k x[t + k - K//2] @ W[k]`` (zero padded in time), ``W: K C C`` (``kernel``), shared
   by every location; out ``x + alpha * y``. A full channel convolution, as the temporal
   ``K x 1 x 1`` conv of the factorised (2+1)D networks that the paper's "temporal conv" row
   stands for (a depthwise one would mix no channels, where DTF mixes them after its filter).
@@ -55,10 +56,11 @@ class TemporalConv(nn.Module):
   def __call__(self, x, train: bool = False):
     del train
     x = x.astype(self.dtype)
-    p = self.kernel_size // 2
-    with jax.named_scope(BASELINE_SCOPE):
-      y = nn.Conv(x.shape[-1], (self.kernel_size, 1, 1), padding=[(p, p), (0, 0), (0, 0)],
-                  use_bias=False, kernel_init=conv_init, dtype=self.dtype, name='conv')(x)
+    k, time = self.kernel_size, x.shape[1]
+    kernel = self.param('kernel', conv_init, (k, x.shape[-1], x.shape[-1]), jnp.float32)
+    padded = pad_time(x, k)
+    with jax.named_scope(BASELINE_SCOPE):  # K matmuls (a 3D conv is slow on XLA:CPU)
+      y = sum(padded[:, i:i + time] @ kernel[i].astype(self.dtype) for i in range(k))
     return scaled_residual(self, x, y)
 
 
@@ -177,8 +179,8 @@ class TemporalDifference(nn.Module):
     with jax.named_scope(BASELINE_SCOPE):
       y = nn.Dense(hidden, use_bias=False, kernel_init=conv_init, dtype=self.dtype,
                    name='reduce')(frame_differences(x))
-      y = nn.Conv(hidden, (1, 3, 3), padding=[(0, 0), (1, 1), (1, 1)], use_bias=False,
-                  kernel_init=conv_init, dtype=self.dtype, name='spatial')(nn.relu(y))
+      y = FrameConv(hidden, (1, 3, 3), padding=((1, 1), (1, 1)), kernel_init=conv_init,
+                    dtype=self.dtype, name='spatial')(nn.relu(y))
       y = nn.Dense(channels, use_bias=False, kernel_init=conv_init, dtype=self.dtype,
                    name='expand')(nn.relu(y))
     return scaled_residual(self, x, y)

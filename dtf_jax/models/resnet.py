@@ -11,6 +11,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from dtf_jax.layers.conv import FrameConv
 from dtf_jax.layers.norm import BatchNorm
 from dtf_jax.models.common import (DropPath, check_remat, check_video, make_temporal_remat,
                                    remat_class)
@@ -34,9 +35,9 @@ class Bottleneck(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    conv = lambda f, k, s, name: nn.Conv(  # noqa: E731
-        f, (1, k, k), (1, s, s), padding=[(0, 0), (k // 2, k // 2), (k // 2, k // 2)],
-        use_bias=False, kernel_init=conv_init, dtype=self.dtype, name=name)
+    conv = lambda f, k, s, name: FrameConv(  # noqa: E731
+        f, (1, k, k), (1, s, s), padding=((k // 2, k // 2), (k // 2, k // 2)),
+        kernel_init=conv_init, dtype=self.dtype, name=name)
     norm = lambda name, **kw: BatchNorm(dtype=self.dtype, name=name, **kw)  # noqa: E731
 
     out = nn.relu(norm('bn1')(conv(self.planes, 1, 1, 'conv1')(x), train))
@@ -104,9 +105,9 @@ class ResNet(nn.Module):
                        f'{len(self.stage_sizes)}.')
 
     x = video.astype(self.dtype)
-    x = nn.Conv(self.width, (self.early_stride, 7, 7), (self.early_stride, 2, 2),
-                padding=[(0, 0), (3, 3), (3, 3)], use_bias=False, kernel_init=conv_init,
-                dtype=self.dtype, name='stem_conv')(x)
+    x = FrameConv(self.width, (self.early_stride, 7, 7), (self.early_stride, 2, 2),
+                  padding=((3, 3), (3, 3)), kernel_init=conv_init, dtype=self.dtype,
+                  name='stem_conv')(x)
     x = nn.relu(BatchNorm(dtype=self.dtype, name='stem_bn')(x, train))
     x = nn.max_pool(x, (1, 3, 3), (1, 2, 2), padding=[(0, 0), (1, 1), (1, 1)])
 

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dtf_jax.layers.conv import FrameConv
 from dtf_jax.models.common import (DropPath, check_remat, check_video, make_temporal_remat,
                                    remat_class, reshape_keep_batch)
 
@@ -227,10 +228,9 @@ class SwinTransformer(nn.Module):
     batch = video.shape[0]
     steps = self.clip_length // self.early_stride
 
-    x = nn.Conv(self.embed_dim, (self.early_stride, self.patch_size, self.patch_size),
-                (self.early_stride, self.patch_size, self.patch_size), padding='VALID',
-                dtype=self.dtype, kernel_init=dense_init, name='patch_embed')(
-                    video.astype(self.dtype))
+    x = FrameConv(self.embed_dim, (self.early_stride, self.patch_size, self.patch_size),
+                  (self.early_stride, self.patch_size, self.patch_size), use_bias=True,
+                  kernel_init=dense_init, dtype=self.dtype, name='patch_embed')(video)
     if self.patch_norm:
       x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name='patch_embed_norm')(x)
     x = x.reshape((batch * steps,) + x.shape[2:])
