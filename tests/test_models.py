@@ -482,3 +482,24 @@ def test_model_specs_in_the_registry():
   assert model_spec(model).family == 'swin' and model_spec(model).classifier == 'head'
   with pytest.raises(ValueError, match="Unknown model 'dtf_r18'"):
     model_spec('dtf_r18')
+
+
+@pytest.mark.parametrize('kernel, strides, padding, shape', [
+    ((4, 7, 7), (4, 2, 2), ((3, 3), (3, 3)), (2, 8, 18, 18, 3)),  # the stem: 4 frames folded
+    ((1, 3, 3), (1, 2, 2), ((1, 1), (1, 1)), (2, 3, 9, 9, 5)),    # strided 3x3
+    ((2, 4, 4), (2, 4, 4), ((0, 0), (0, 0)), (1, 4, 8, 8, 3)),    # Swin's tubelet embedding
+])
+def test_frame_conv_is_the_3d_conv(kernel, strides, padding, shape):
+  """FrameConv (2D convolutions of B*T' images) has flax's 3D Conv's variables and values."""
+  from dtf_jax.layers.conv import FrameConv  # pylint: disable=import-outside-toplevel
+  x = jnp.asarray(np.random.RandomState(0).randn(*shape).astype(np.float32))
+  conv3d = flax.linen.Conv(6, kernel, strides, padding=((0, 0),) + padding, use_bias=True)
+  frames = FrameConv(6, kernel, strides, padding, use_bias=True)
+  variables = conv3d.init(jax.random.PRNGKey(1), x)
+  variables['params']['bias'] = jnp.arange(6.0)
+  same_init = frames.init(jax.random.PRNGKey(1), x)
+  np.testing.assert_array_equal(same_init['params']['kernel'], variables['params']['kernel'])
+  np.testing.assert_allclose(frames.apply(variables, x), conv3d.apply(variables, x),
+                             rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match='time stride'):
+    FrameConv(6, (2, 3, 3), (1, 1, 1)).init(jax.random.PRNGKey(0), x)

@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dtf_jax.layers.shapes import reshape_keep_batch
+
 
 class FrameConv(nn.Module):
   """``B T H W C_in -> B T/kt H' W' features``, kernel ``(kt, kh, kw)``, strides ``(kt, sh, sw)``.
@@ -53,7 +55,7 @@ class FrameConv(nn.Module):
     images = x.astype(self.dtype).reshape(b, steps, kt, h, w, c)
     if kt > 1:  # the kt frames of a step go next to the channels: channel index = frame * C + c
       images = jnp.moveaxis(images, 2, 4)
-    images = images.reshape(b * steps, h, w, kt * c)
+    images = reshape_keep_batch(images, (b * steps, h, w, kt * c))
     kernel2d = jnp.moveaxis(kernel, 0, 2).reshape(kh, kw, kt * c, self.features)
     y = jax.lax.conv_general_dilated(
         images, kernel2d.astype(self.dtype), self.strides[1:], tuple(self.padding),
@@ -61,4 +63,4 @@ class FrameConv(nn.Module):
     if self.use_bias:
       y = y + self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32).astype(
           self.dtype)
-    return y.reshape((b, steps) + y.shape[1:])
+    return reshape_keep_batch(y, (b, steps) + y.shape[1:])

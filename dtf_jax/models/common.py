@@ -46,19 +46,6 @@ class DropPath(nn.Module):
     return jnp.where(mask, x / keep, 0).astype(x.dtype)
 
 
-def reshape_keep_batch(x, shape):
-  """``x.reshape(shape)`` for a reshape that keeps the leading (batch) axis.
-
-  Under a mesh with Explicit axes, JAX asks for the output sharding of reshapes that split or merge
-  several axes; this keeps the batch axis sharded as it is and the others unsharded.
-  """
-  sharding = jax.typeof(x).sharding
-  if sharding.mesh.empty or not sharding.spec or sharding.spec[0] is None:
-    return x.reshape(shape)
-  spec = jax.sharding.PartitionSpec(sharding.spec[0], *([None] * (len(shape) - 1)))
-  return jax.lax.reshape(x, shape, out_sharding=sharding.update(spec=spec))
-
-
 def check_remat(remat: str, model: str) -> None:
   if remat not in REMAT_OPTIONS:
     raise ValueError(f'{model}: remat={remat!r} is not one of {REMAT_OPTIONS}.')

@@ -16,8 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from dtf_jax.layers.conv import FrameConv
+from dtf_jax.layers.shapes import reshape_keep_batch
 from dtf_jax.models.common import (DropPath, check_remat, check_video, make_temporal_remat,
-                                   remat_class, reshape_keep_batch)
+                                   remat_class)
 
 dense_init = nn.initializers.truncated_normal(0.02)
 

@@ -1,0 +1,13 @@
+"""Table 1a, res5: temporal conv (DTF_1d). Paper (DTF, ECCV 2022; SPEC.md §4): K400 top-1 73.2, GFLOPs
+None (not in SPEC.md).
+
+    python main.py --config=experiments/paper/table1a_temporal_conv.py --workdir=runs/table1a_temporal_conv
+"""
+
+from experiments.paper import common
+
+PAPER = dict(table='1a', row='temporal conv (DTF_1d)', top1=73.2, gflops=None)
+
+
+def get_config(arg=None):
+  return common.paper_config('dtf_1d', common.RES5, arg)
