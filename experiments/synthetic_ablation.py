@@ -24,8 +24,8 @@ clipping); the seed sets the initialisation and the data order.
 
 Writes ``OUT/synthetic_ablation.md`` (mean +- std top-1 on the validation clips, GFLOPs per clip
 of the model as trained, train seconds per run), ``OUT/synthetic_ablation.json`` (every run) and
-``OUT/table1.png``, ``OUT/fig6.png``. Finished rows are kept in the JSON as they finish; a rerun with
-the same settings trains only what is missing.
+``OUT/table1.png``, ``OUT/fig6.png``. Finished rows are kept in the JSON as they finish; a rerun
+with the same settings trains only what is missing.
 """
 
 import argparse
@@ -153,7 +153,8 @@ def clips(task: str, frames: int, split_code: int, count: int, size: int):
 
 def normalise(videos: np.ndarray) -> np.ndarray:
   """uint8 -> float32 with the ImageNet mean and std, as the input pipeline does."""
-  from dtf_jax.data.ops import IMAGENET_MEAN, IMAGENET_STD  # pylint: disable=import-outside-toplevel
+  from dtf_jax.data.ops import (  # pylint: disable=import-outside-toplevel
+      IMAGENET_MEAN, IMAGENET_STD)
   return ((videos.astype(np.float32) / 255.0 - np.float32(IMAGENET_MEAN))
           / np.float32(IMAGENET_STD))
 
@@ -365,7 +366,8 @@ def parse_args(argv: Optional[List[str]] = None):
                                    formatter_class=argparse.RawDescriptionHelpFormatter,
                                    epilog=__doc__.split('\n\n', 1)[1])
   parser.add_argument('--quick', action='store_true',
-                      help='the 2-core budget: each row where the paper put it, 2 seeds (~28 min on 2 cores).')
+                      help='the 2-core budget: each row where the paper put it, 2 seeds '
+                           '(~28 min on 2 cores).')
   parser.add_argument('--smoke', action='store_true',
                       help='a few steps of two modules: checks the whole path in seconds.')
   parser.add_argument('--out', default=os.path.join(ROOT, 'experiments', 'results'),

@@ -4,8 +4,8 @@ The backbones' convolutions are spatial (kernel ``1 x k x k``), or fold ``kt`` f
 step (the stem: kernel ``kt x 7 x 7`` with time stride ``kt``, no time padding). Both are 2D
 convolutions of ``B*T'`` images: the second with the ``kt`` frames moved into the channels. XLA
 compiles 2D convolutions much better than 3D ones on the CPU (measured, XLA:CPU, 2 cores: a 3x3
-conv of 16x16x8x8x8, 8 channels: 6.1 vs 1.1 ms, with its gradients 11.8 vs 2.8 ms; the ResNet stem on
-16x16x32x32x3: 145 vs 12 ms, kernel gradient 388 vs 7.5 ms), and they are the same computation.
+conv of 16x16x8x8x8, 8 channels: 6.1 vs 1.1 ms, with its gradients 11.8 vs 2.8 ms; the ResNet stem
+on 16x16x32x32x3: 145 vs 12 ms, kernel gradient 388 vs 7.5 ms), and they are the same computation.
 
 :class:`FrameConv` keeps ``flax.linen.Conv``'s variable (``kernel``, ``kt kh kw C_in C_out``,
 float32, same initialiser draw), so checkpoints, converters and FLOP counts are unchanged.

@@ -1,7 +1,8 @@
-"""Table 1a, res5: fixed frequency filter (DTF_F). Paper (DTF, ECCV 2022; SPEC.md §4): K400 top-1 75.0, GFLOPs
-None (not in SPEC.md).
+"""Table 1a, res5: fixed frequency filter (DTF_F). Paper (DTF, ECCV 2022; SPEC.md §4): K400 top-1
+75.0, GFLOPs not reported for this row.
 
-    python main.py --config=experiments/paper/table1a_fixed_filter.py --workdir=runs/table1a_fixed_filter
+    python main.py --config=experiments/paper/table1a_fixed_filter.py \\
+        --workdir=runs/table1a_fixed_filter
 """
 
 from experiments.paper import common

@@ -1,7 +1,8 @@
-"""Table 1a, res5: temporal conv (DTF_1d). Paper (DTF, ECCV 2022; SPEC.md §4): K400 top-1 73.2, GFLOPs
-None (not in SPEC.md).
+"""Table 1a, res5: temporal conv (DTF_1d). Paper (DTF, ECCV 2022; SPEC.md §4): K400 top-1 73.2,
+GFLOPs not reported for this row.
 
-    python main.py --config=experiments/paper/table1a_temporal_conv.py --workdir=runs/table1a_temporal_conv
+    python main.py --config=experiments/paper/table1a_temporal_conv.py \\
+        --workdir=runs/table1a_temporal_conv
 """
 
 from experiments.paper import common

@@ -1,5 +1,5 @@
-"""Table 1b, res5: FA only (no correlation to the estimator). Paper (DTF, ECCV 2022; SPEC.md §4): K400 top-1 75.4, GFLOPs
-None (not in SPEC.md).
+"""Table 1b, res5: FA only (no correlation to the estimator). Paper (DTF, ECCV 2022; SPEC.md §4):
+K400 top-1 75.4, GFLOPs not reported for this row.
 
     python main.py --config=experiments/paper/table1b_fa_only.py --workdir=runs/table1b_fa_only
 """

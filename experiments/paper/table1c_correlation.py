@@ -1,7 +1,8 @@
-"""Table 1c, all stages: correlation (CorrNet-style). Paper (DTF, ECCV 2022; SPEC.md §4): K400 top-1 75.1, GFLOPs
-None (not in SPEC.md).
+"""Table 1c, all stages: correlation (CorrNet-style). Paper (DTF, ECCV 2022; SPEC.md §4): K400
+top-1 75.1, GFLOPs not reported for this row.
 
-    python main.py --config=experiments/paper/table1c_correlation.py --workdir=runs/table1c_correlation
+    python main.py --config=experiments/paper/table1c_correlation.py \\
+        --workdir=runs/table1c_correlation
 """
 
 from experiments.paper import common

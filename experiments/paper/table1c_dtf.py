@@ -1,5 +1,5 @@
-"""Table 1c, all stages: DTF (DTF-Net R50, as configs/dtf_r50.py). Paper (DTF, ECCV 2022; SPEC.md §4): K400 top-1 77.7, GFLOPs
-25 (DTF-Net R50 16f, SPEC §4).
+"""Table 1c, all stages: DTF (DTF-Net R50, as configs/dtf_r50.py). Paper (DTF, ECCV 2022; SPEC.md
+§4): K400 top-1 77.7, GFLOPs 25 (DTF-Net R50 16f, SPEC §4).
 
     python main.py --config=experiments/paper/table1c_dtf.py --workdir=runs/table1c_dtf
 """

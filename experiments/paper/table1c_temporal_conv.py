@@ -1,7 +1,8 @@
 """Table 1c, all stages: temporal conv. Paper (DTF, ECCV 2022; SPEC.md §4): K400 top-1 74.6, GFLOPs
 None (not in SPEC.md).
 
-    python main.py --config=experiments/paper/table1c_temporal_conv.py --workdir=runs/table1c_temporal_conv
+    python main.py --config=experiments/paper/table1c_temporal_conv.py \\
+        --workdir=runs/table1c_temporal_conv
 """
 
 from experiments.paper import common

@@ -1,7 +1,8 @@
-"""Table 1c, all stages: temporal shift (TSM). Paper (DTF, ECCV 2022; SPEC.md §4): K400 top-1 74.8, GFLOPs
-None (not in SPEC.md).
+"""Table 1c, all stages: temporal shift (TSM). Paper (DTF, ECCV 2022; SPEC.md §4): K400 top-1 74.8,
+GFLOPs not reported for this row.
 
-    python main.py --config=experiments/paper/table1c_temporal_shift.py --workdir=runs/table1c_temporal_shift
+    python main.py --config=experiments/paper/table1c_temporal_shift.py \\
+        --workdir=runs/table1c_temporal_shift
 """
 
 from experiments.paper import common
