@@ -3,6 +3,7 @@
     python experiments/synthetic_ablation.py --quick          # 2 CPU cores, ~28 min measured
     python experiments/synthetic_ablation.py                  # full: more data, steps, seeds
     python experiments/synthetic_ablation.py --quick --smoke  # the whole path in seconds (tests)
+    python experiments/synthetic_ablation.py --budget         # learning curves: what a budget buys
 
 Every temporal module of ``dtf_jax.layers.temporal`` is trained for the same budget (steps, batch,
 optimizer, data) in a small DTF-Net (one bottleneck per stage, width 8, no temporal folding in the
@@ -21,6 +22,10 @@ module at the other placement and longer clips. Clips are rendered into memory (
 ``synthetic.py`` at 32x32, without the mp4 round trip of the stored dataset), identically for all
 rows. Training uses the trainer's own step (``dtf_jax.train``: AdamW, warm-up + cosine, gradient
 clipping); the seed sets the initialisation and the data order.
+
+``--budget`` trains a few modules for longer on both tasks and evaluates every ``curve_every``
+steps (learning curves along one warm-up + cosine schedule), to show what the quick budget leaves
+unlearned; it writes ``OUT/budget_study.{md,json,png}``.
 
 Writes ``OUT/synthetic_ablation.md`` (mean +- std top-1 on the validation clips, GFLOPs per clip
 of the model as trained, train seconds per run), ``OUT/synthetic_ablation.json`` (every run) and
@@ -64,6 +69,9 @@ GROUPS = (
         ('DTF', 'dtf', 77.7))),
 )
 FIG6_MODULES = ('none', 'dtf_1d', 'dtf')  # Fig. 6: the gap over clip lengths (long-range task)
+# --budget: (temporal module, stages) trained with learning curves on both tasks.
+BUDGET_MODULES = (('none', RES5), ('dtf', RES5), ('dtf', ALL_STAGES),
+                  ('temporal_shift', ALL_STAGES))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,13 +90,17 @@ class Settings:
   size: int = 32
   lr: float = 4e-3
   motion_frames: int = 16          # rendered; every 2nd is used
+  curve_every: int = 0             # > 0: top-1 on the validation clips every that many steps
 
 
 MODES = {
-    'full': Settings(steps=600, batch=16, seeds=3, num_train=1600, num_val=400,
+    'full': Settings(steps=900, batch=16, seeds=3, num_train=1600, num_val=400,
                      long_range_frames=32, fig6_frames=(16, 32, 64), both_placements=True),
     'quick': Settings(steps=150, batch=16, seeds=2, num_train=512, num_val=256,
-                      long_range_frames=16, fig6_frames=(16, 32), both_placements=False),
+                      long_range_frames=16, fig6_frames=(8, 16), both_placements=False),
+    'budget': Settings(steps=900, batch=16, seeds=1, num_train=512, num_val=256,
+                       long_range_frames=16, fig6_frames=(), both_placements=False, groups=(),
+                       curve_every=150),
     'smoke': Settings(steps=2, batch=4, seeds=1, num_train=8, num_val=8, long_range_frames=8,
                       fig6_frames=(8,), both_placements=False, groups=('table1a',)),
 }
@@ -113,9 +125,14 @@ def task_frames(task: str, s: Settings) -> int:
   return s.motion_frames // 2 if task == 'motion' else s.long_range_frames
 
 
-def plan(s: Settings, smoke: bool = False) -> List[Run]:
+def plan(s: Settings, smoke: bool = False, budget: bool = False) -> List[Run]:
   """Every distinct run of the mode (rows shared by several tables are trained once); ``smoke``:
-  C2D on the motion task and DTF in res5 on the long-range task only."""
+  C2D on the motion task and DTF in res5 on the long-range task only; ``budget``: the
+  ``BUDGET_MODULES`` on both tasks (with ``smoke``, the first of them)."""
+  if budget:  # with smoke: the first module (C2D) on each task
+    modules = BUDGET_MODULES[:1] if smoke else BUDGET_MODULES
+    return [Run(task, temporal, stages, task_frames(task, s))
+            for task in synthetic.TASKS for temporal, stages in modules]
   if smoke:
     return [Run('motion', 'none', RES5, task_frames('motion', s)),
             Run('long_range', 'dtf', RES5, task_frames('long_range', s))]
@@ -201,13 +218,22 @@ def train_and_evaluate(run: Run, s: Settings) -> Dict:
          'frames': run.frames, 'gflops': {c: flops.total_macs(macs, c) / 1e9
                                           for c in flops.CONVENTIONS},
          'top1': [], 'train_seconds': [], 'compile_seconds': 0.0}
+  if s.curve_every:
+    out['curve'] = []  # per seed: [[step, top1], ...]
+
+  def evaluate(state):
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    correct = sum(int(np.sum(np.asarray(predict(variables, val_x[j:j + 64])) == val_y[j:j + 64]))
+                  for j in range(0, s.num_val, 64))
+    return 100.0 * correct / s.num_val
+
   for seed in range(s.seeds):
     setup_.config.unlock()
     setup_.config.seed = seed
     state = setup_.init_state()
     rng = np.random.default_rng(seed)
     order, position = rng.permutation(s.num_train), 0
-    begin = time.time()
+    begin, curve, eval_seconds = time.time(), [], 0.0
     for i in range(s.steps):
       if position + s.batch > s.num_train:
         order, position = rng.permutation(s.num_train), 0
@@ -219,12 +245,15 @@ def train_and_evaluate(run: Run, s: Settings) -> Dict:
         if seed == 0:
           out['compile_seconds'] = time.time() - begin
         begin = time.time()
+      if s.curve_every and (i + 1) % s.curve_every == 0 and i + 1 < s.steps:
+        eval_begin = time.time()
+        curve.append([i + 1, evaluate(state)])
+        eval_seconds += time.time() - eval_begin
     loss = float(metrics['loss'])
-    out['train_seconds'].append(time.time() - begin)
-    variables = {'params': state.params, 'batch_stats': state.batch_stats}
-    correct = sum(int(np.sum(np.asarray(predict(variables, val_x[j:j + 64])) == val_y[j:j + 64]))
-                  for j in range(0, s.num_val, 64))
-    out['top1'].append(100.0 * correct / s.num_val)
+    out['train_seconds'].append(time.time() - begin - eval_seconds)
+    out['top1'].append(evaluate(state))
+    if s.curve_every:
+      out['curve'].append(curve + [[s.steps, out['top1'][-1]]])
     if not math.isfinite(loss):
       out.setdefault('notes', []).append(f'seed {seed}: final train loss {loss}')
   return out
@@ -311,6 +340,61 @@ def report(results: Dict[str, Dict], s: Settings, mode: str, elapsed: float) -> 
   return '\n'.join(lines) + '\n'
 
 
+def budget_report(results: Dict[str, Dict], s: Settings, elapsed: float) -> str:
+  """The Markdown report of ``--budget``: top-1 along the schedule, per task and module."""
+  steps = list(range(s.curve_every, s.steps, s.curve_every)) + [s.steps]
+  lines = ['# Budget study', '',
+           f'Generated by `python experiments/synthetic_ablation.py --budget` in '
+           f'{elapsed / 60:.1f} min. One seed per module, {s.steps} steps of batch {s.batch} on '
+           f'{s.num_train} training clips (warm-up over the first 10%, then cosine), top-1 (%) '
+           f'on {s.num_val} validation clips every {s.curve_every} steps along that one '
+           'schedule; the same model and recipe as the ablation tables. A point before the end '
+           'is not a run with that many steps: its learning rate has not decayed yet.', '']
+  for task in synthetic.TASKS:
+    lines += [f'## {task} ({task_frames(task, s)} frames, chance '
+              f'{100 / len(synthetic.task_classes(task)):.1f})', '',
+              '| module | stages | ' + ' | '.join(str(k) for k in steps) + ' | train s |',
+              '|---|---|' + '---|' * len(steps) + '---|']
+    for temporal, stages in BUDGET_MODULES:
+      r = results.get(Run(task, temporal, stages, task_frames(task, s)).key)
+      if not r:
+        continue
+      points = dict((int(k), v) for k, v in r['curve'][0])
+      where = '-' if temporal == 'none' else ''.join(map(str, stages))
+      lines.append(f'| `{temporal}` | {where} | '
+                   + ' | '.join(f'{points[k]:.1f}' if k in points else 'n/a' for k in steps)
+                   + f' | {np.mean(r["train_seconds"]):.0f} |')
+    lines.append('')
+  return '\n'.join(lines) + '\n'
+
+
+def plot_budget(results: Dict[str, Dict], s: Settings, out_dir) -> List[str]:
+  """``budget_study.png``: top-1 over steps, one panel per task."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, axes = plt.subplots(1, len(synthetic.TASKS), figsize=(5 * len(synthetic.TASKS), 3.8),
+                           squeeze=False)
+  for ax, task in zip(axes[0], synthetic.TASKS):
+    for temporal, stages in BUDGET_MODULES:
+      r = results.get(Run(task, temporal, stages, task_frames(task, s)).key)
+      if r:
+        points = np.asarray(r['curve'][0], np.float64)
+        where = '' if temporal == 'none' else ' ' + ''.join(map(str, stages))
+        ax.plot(points[:, 0], points[:, 1], marker='o', label=temporal + where)
+    ax.axhline(100 / len(synthetic.task_classes(task)), color='grey', linestyle=':')
+    ax.set_title(f'{task}: top-1 along the schedule', fontsize=10)
+    ax.set_xlabel('step')
+    ax.set_ylabel('top-1 (%)')
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  with storage.atomic_write(storage.path(out_dir) / 'budget_study.png') as tmp:
+    fig.savefig(str(tmp), format='png', dpi=110)
+  plt.close(fig)
+  return ['budget_study.png']
+
+
 def plot(results: Dict[str, Dict], s: Settings, out_dir) -> List[str]:
   """``table1.png`` (bars per table, both tasks) and ``fig6.png`` (top-1 over clip length)."""
   import matplotlib  # pylint: disable=import-outside-toplevel
@@ -366,10 +450,12 @@ def parse_args(argv: Optional[List[str]] = None):
                                    formatter_class=argparse.RawDescriptionHelpFormatter,
                                    epilog=__doc__.split('\n\n', 1)[1])
   parser.add_argument('--quick', action='store_true',
-                      help='the 2-core budget: each row where the paper put it, 2 seeds '
-                           '(~28 min on 2 cores).')
+                      help='the 2-core budget: each row where the paper put it, 2 seeds.')
   parser.add_argument('--smoke', action='store_true',
                       help='a few steps of two modules: checks the whole path in seconds.')
+  parser.add_argument('--budget', action='store_true',
+                      help='learning curves of a few modules over 900 steps on both tasks '
+                           '(budget_study.md/.json/.png; 15 min on 2 cores).')
   parser.add_argument('--out', default=os.path.join(ROOT, 'experiments', 'results'),
                       help='output directory, local or a URL (default experiments/results).')
   parser.add_argument('--workers', type=int, default=2,
@@ -380,19 +466,26 @@ def parse_args(argv: Optional[List[str]] = None):
   args = parser.parse_args(argv)
   if args.workers < 1 or args.seeds < 0 or args.steps < 0:
     parser.error('--workers must be >= 1, --seeds and --steps >= 0')
+  if args.budget and args.quick:
+    parser.error('--budget and --quick are different modes; give one')
   return args
 
 
 def main(argv: Optional[List[str]] = None) -> int:
   args = parse_args(argv)
-  mode = 'smoke' if args.smoke else 'quick' if args.quick else 'full'
+  mode = ('smoke' if args.smoke else 'budget' if args.budget else 'quick' if args.quick
+          else 'full')
   s = MODES[mode]
+  if args.smoke and args.budget:  # the budget study's path, in seconds
+    s = dataclasses.replace(s, steps=4, batch=4, num_train=8, num_val=8, long_range_frames=8,
+                            curve_every=2)
+  stem = 'budget_study' if args.budget else 'synthetic_ablation'
   s = dataclasses.replace(s, seeds=args.seeds or s.seeds, steps=args.steps or s.steps)
   out_dir = storage.path(args.out)
   out_dir.mkdir(parents=True, exist_ok=True)
-  json_path = out_dir / 'synthetic_ablation.json'
+  json_path = out_dir / f'{stem}.json'
   results = load_results(json_path, s)
-  runs = plan(s, smoke=args.smoke)
+  runs = plan(s, smoke=args.smoke, budget=args.budget)
   todo = [r for r in runs if r.key not in results]
   print(f'{mode}: {len(runs)} runs x {s.seeds} seed(s), {s.steps} steps each; '
         f'{len(runs) - len(todo)} already done ({json_path})', flush=True)
@@ -420,9 +513,13 @@ def main(argv: Optional[List[str]] = None) -> int:
       for result in pool.imap_unordered(_work, jobs):
         finished(result)
   elapsed = time.time() - begin + (elapsed_before if not todo else 0.0)
-  storage.write_text(out_dir / 'synthetic_ablation.md', report(results, s, mode, elapsed))
-  pngs = plot(results, s, out_dir)
-  print(f'wrote {out_dir / "synthetic_ablation.md"}, synthetic_ablation.json, '
+  if args.budget:
+    storage.write_text(out_dir / f'{stem}.md', budget_report(results, s, elapsed))
+    pngs = plot_budget(results, s, out_dir)
+  else:
+    storage.write_text(out_dir / f'{stem}.md', report(results, s, mode, elapsed))
+    pngs = plot(results, s, out_dir)
+  print(f'wrote {out_dir / (stem + ".md")}, {stem}.json, '
         f'{", ".join(pngs)} ({(time.time() - begin) / 60:.1f} min)', flush=True)
   return 0
 

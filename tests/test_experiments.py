@@ -84,3 +84,18 @@ def test_smoke_run_writes_report_and_resumes(tmp_path, capsys):
   capsys.readouterr()
   assert synthetic_ablation.main(['--quick', '--smoke', '--out', out, '--workers', '1']) == 0
   assert '2 already done' in capsys.readouterr().out
+
+
+def test_budget_smoke_writes_learning_curves(tmp_path):
+  out = str(tmp_path / 'results')
+  assert synthetic_ablation.main(['--budget', '--smoke', '--out', out, '--workers', '1']) == 0
+  saved = json.load(open(os.path.join(out, 'budget_study.json'), encoding='utf-8'))
+  assert {r['key'] for r in saved['runs']} == {'motion/none/stagesnone/frames8',
+                                               'long_range/none/stagesnone/frames8'}
+  for r in saved['runs']:  # evaluated at step 2 and at the end (step 4), which is top1
+    assert [p[0] for p in r['curve'][0]] == [2, 4] and r['curve'][0][-1][1] == r['top1'][0]
+  report = open(os.path.join(out, 'budget_study.md'), encoding='utf-8').read()
+  assert '| `none` | - |' in report and '| 2 | 4 | train s |' in report
+  assert not os.path.exists(os.path.join(out, 'synthetic_ablation.json'))
+  with open(os.path.join(out, 'budget_study.png'), 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
