@@ -30,7 +30,8 @@ layers, the temporal modules' included), and no elementwise product, which they 
 """
 
 import collections
-from typing import Callable, Dict
+import functools
+from typing import Any, Callable, Dict, Tuple
 
 import jax
 import numpy as np
@@ -136,6 +137,13 @@ def count_macs(fn: Callable, *args) -> Dict[str, int]:
   totals = collections.Counter({c: 0 for c in CATEGORIES})
   _walk(closed.jaxpr, '', totals)
   return dict(totals)
+
+
+def count_model_macs(model, view: jax.ShapeDtypeStruct) -> Tuple[Dict[str, int], Any]:
+  """MACs of a model's forward pass on ``view`` (``B T H W 3``), by category, and the shapes of
+  its variables (``jax.eval_shape`` of ``model.init``); nothing is computed or allocated."""
+  shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0), view)
+  return count_macs(lambda v, x: model.apply(v, x), shapes, view), shapes
 
 
 def total_macs(macs: Dict[str, int], convention: str = 'ours') -> float:

@@ -9,7 +9,6 @@ fixed correlation weights; ``dtf_jax.tools.model_info`` reports both). Nothing i
 """
 
 import argparse
-import functools
 import glob
 import importlib
 import os
@@ -44,8 +43,7 @@ def measure(config, size: int):
   """``(GFLOPs by convention, parameters)`` of the config's model per ``clip x size²`` view."""
   model = build_model(config, config.data.num_classes)
   view = jax.ShapeDtypeStruct((1, config.data.clip_length, size, size, 3), jnp.float32)
-  shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0), view)
-  macs = flops.count_macs(lambda v, x: model.apply(v, x), shapes, view)
+  macs, shapes = flops.count_model_macs(model, view)
   params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes['params']))
   return {c: flops.total_macs(macs, c) / 1e9 for c in flops.CONVENTIONS}, params
 

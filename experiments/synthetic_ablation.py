@@ -211,9 +211,8 @@ def train_and_evaluate(run: Run, s: Settings) -> Dict:
   val_x = normalise(val_x)
   step = make_train_step(setup_)
   predict = jax.jit(lambda v, x: jnp.argmax(model.apply(v, x, train=False), -1))
-  view = jax.ShapeDtypeStruct((1,) + train_x.shape[1:], jnp.float32)
-  shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0), view)
-  macs = flops.count_macs(lambda v, x: model.apply(v, x), shapes, view)
+  macs, _ = flops.count_model_macs(
+      model, jax.ShapeDtypeStruct((1,) + train_x.shape[1:], jnp.float32))
   out = {'key': run.key, 'task': run.task, 'temporal': run.temporal, 'stages': list(run.stages),
          'frames': run.frames, 'gflops': {c: flops.total_macs(macs, c) / 1e9
                                           for c in flops.CONVENTIONS},

@@ -283,9 +283,7 @@ def test_tiny_resnet_forward_res5(name):
 
 def _macs(name, **kwargs):
   model = _resnet(name, **kwargs)
-  video = jax.ShapeDtypeStruct((1, 8, 32, 32, 3), jnp.float32)
-  shapes = jax.eval_shape(model.init, jax.random.key(0), video)
-  return flops.count_macs(lambda v, a: model.apply(v, a), shapes, video)
+  return flops.count_model_macs(model, jax.ShapeDtypeStruct((1, 8, 32, 32, 3), jnp.float32))[0]
 
 
 @pytest.fixture(scope='module')

@@ -74,9 +74,8 @@ def dtf_resnet_macs(frames, size, stages=R50, width=64, kernel=3, group=16,
 
 def count(name, frames, size, num_classes=400, **kwargs):
   model = create_model(name, num_classes=num_classes, clip_length=frames, **kwargs)
-  view = jax.ShapeDtypeStruct((1, frames, size, size, 3), jnp.float32)
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), view)
-  return flops.count_macs(lambda v, x: model.apply(v, x), shapes, view)
+  return flops.count_model_macs(model, jax.ShapeDtypeStruct((1, frames, size, size, 3),
+                                                            jnp.float32))[0]
 
 
 # --------------------------------------------------------------------------------------------

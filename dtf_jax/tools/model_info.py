@@ -178,11 +178,11 @@ def describe(args) -> dict:
                        dtype=jnp.dtype(args.dtype), remat=args.remat,
                        **size_kwargs(args.model, args.size), **model_overrides(args))
   view = jax.ShapeDtypeStruct((1, args.clip_length, args.size, args.size, 3), jnp.float32)
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), view)
+  macs, shapes = flops.count_model_macs(model, view)
   report = {
       'params': sum(x.size for x in jax.tree_util.tree_leaves(shapes['params'])),
       'fixed_correlation_weights': fixed_correlation_weights(shapes['params']),
-      'macs': flops.count_macs(lambda v, x: model.apply(v, x), shapes, view),
+      'macs': macs,
   }
   if args.train:
     batch = jax.ShapeDtypeStruct((args.batch,) + view.shape[1:], jnp.float32)
