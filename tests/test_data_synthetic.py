@@ -5,12 +5,12 @@ min 33.2 dB, mean 33.6 dB; of the TFRecord JPEGs (quality 90) min 31.9 dB, mean 
 each direction pair, nearest-centroid accuracy on time-averaged frames is 0.44-0.56 and on sorted
 frames 0.46-0.56 (chance 0.5, 48 test clips); the motion-feature signs below get 1.0 on every pair.
 
-Task long_range (seed 11, 32x32x32, 4 classes, 80 test clips): nearest-centroid accuracy on the
-time-averaged frame 0.30, sorted frames 0.28, flash frames per half and colour 0.19, time-averaged
-17-frame windows 0.24-0.31 (chance 0.25); the whole-clip order of the detected flashes 1.0 (also
-on the decoded mp4 and the TFRecord JPEGs at 32x32). From the generator's flashes (2000 draws per
-class), every 17-frame window: chi2 / dof of the colours seen per half 0.65-1.52 (dof 45), a
-majority vote over the exact window contents 0.243-0.257.
+Task long_range (seed 11, 32x32x32, 2 classes, 100 test clips): nearest-centroid accuracy on the
+time-averaged frame 0.49, sorted frames 0.51, flash frames per colour 0.49, time-averaged 17-frame
+windows 0.46-0.49 (chance 0.5); the whole-clip order of the detected flashes 1.0 (also on the
+decoded mp4 and the TFRecord JPEGs at 32x32). From the generator's flashes (3000 draws per class),
+every 17-frame window: chi2 / dof of the colour seen 0.76-3.09 (dof 3), a majority vote over the
+exact window contents 0.499-0.512.
 """
 
 import json
@@ -260,7 +260,8 @@ def test_same_arguments_do_nothing_or_resume_others_need_overwrite(dataset, tmp_
   root = os.path.dirname(dataset['paths']['videos'])
   with open(os.path.join(root, synthetic.SPEC_FILE), encoding='utf-8') as f:
     record = json.load(f)
-  assert record['version'] == synthetic.VERSION and record['seed'] == 0 and record['complete']
+  assert record['version'] == synthetic.VERSIONS['motion']
+  assert record['seed'] == 0 and record['complete']
   before = _files(root)
   again = _generate(root)  # the same arguments: up to date
   assert 'is up to date' in capsys.readouterr().out
@@ -272,8 +273,8 @@ def test_same_arguments_do_nothing_or_resume_others_need_overwrite(dataset, tmp_
   shutil.copytree(root, copy)
   os.remove(copy / synthetic.SPEC_FILE)
   (copy / 'videos' / 'train' / 'stale.mp4').write_bytes(b'old')
-  older = rf'files of a synthetic dataset older than version {synthetic.VERSION} \(no synthetic'
-  with pytest.raises(SystemExit, match=older + r'\.json\); pass --overwrite'):
+  older = r'files of a synthetic dataset written before synthetic\.json existed'
+  with pytest.raises(SystemExit, match=older + r'; pass --overwrite'):
     _generate(copy)
   _generate(copy, overwrite=True)
   assert _files(str(copy)) == before
@@ -300,8 +301,8 @@ def test_same_arguments_do_nothing_or_resume_others_need_overwrite(dataset, tmp_
 # ---------------------------------------------------------------------------------------------
 # Task long_range: the class is a relation between the first and the last quarter of the clip.
 
-LR_FRAMES, LR_SIZE = 32, 32  # the ablation's clips
-LR_STEPS = {0: (1, 1), 1: (2, 2), 2: (1, 2), 3: (2, 1)}  # label -> (top, bottom) step mod 3
+LR_FRAMES, LR_SIZE = 32, 32
+LR_STEP = {0: 1, 1: 2}  # label -> colour step (mod 3) from the first flash to the second
 
 
 def _lr_clips(labels, seed=0):
@@ -311,57 +312,52 @@ def _lr_clips(labels, seed=0):
 
 
 def _flash_colours(clips):
-  """Per clip, half (top, bottom) and frame: the flash colour seen (0..2), or -1.  ``N 2 T``.
+  """Per clip and frame: the flash colour seen (0..2), or -1.  ``N T``.
 
   A pixel shows colour ``c`` if its channel ``c`` exceeds both others by > 150 (a flash >= 170
-  before noise, everything else < 130); a half shows a flash if >= 1% of the frame's pixels do.
+  before noise, everything else < 130); a frame shows a flash if >= 5% of its pixels do (a flash
+  covers >= 19%).
   """
   x = clips.astype(np.int16)
-  size = clips.shape[2]
-  counts = []
-  for c in range(3):
-    mask = x[..., c] - np.maximum(x[..., (c + 1) % 3], x[..., (c + 2) % 3]) > 150  # N T H W
-    counts.append(np.stack([mask[:, :, :size // 2].sum((2, 3)), mask[:, :, size // 2:].sum((2, 3))],
-                           1))                                                    # N 2 T
-  counts = np.stack(counts, -1)                                                   # N 2 T 3
-  return np.where(counts.max(-1) >= 0.01 * size * size, counts.argmax(-1), -1)
+  counts = np.stack([(x[..., c] - np.maximum(x[..., (c + 1) % 3], x[..., (c + 2) % 3]) > 150)
+                     .sum((2, 3)) for c in range(3)], -1)                        # N T 3
+  return np.where(counts.max(-1) >= 0.05 * clips.shape[2] * clips.shape[3], counts.argmax(-1), -1)
 
 
 def _order_label(colours):
-  """The whole-clip feature: per half, the step from the first flash's colour to the last's.
+  """The whole-clip feature: the class of the step from the first flash's colour to the last's.
 
-  ``colours``: ``N 2 T`` of ``_flash_colours`` -> labels ``N`` (-1 where a half shows < 2 colours).
+  ``colours``: ``N T`` of ``_flash_colours`` -> labels ``N`` (-1 where < 2 colours are seen).
   """
   out = []
   for clip in colours:
-    steps = []
-    for half in clip:
-      seen = half[half >= 0]
-      steps.append((seen[-1] - seen[0]) % 3 if len(seen) else 0)
-    out.append(next((label for label, s in LR_STEPS.items() if s == tuple(steps)), -1))
+    seen = clip[clip >= 0]
+    step = (seen[-1] - seen[0]) % 3 if len(seen) else 0
+    out.append(next((label for label, s in LR_STEP.items() if s == step), -1))
   return np.array(out)
 
 
 def test_long_range_reversal_determinism_and_validation():
-  for kind in range(2):
-    for index in range(2):
-      forward = synthetic.render_long_range_clip(2 * kind, synthetic.clip_rng(3, 0, index))
-      backward = synthetic.render_long_range_clip(2 * kind + 1, synthetic.clip_rng(3, 0, index))
-      assert forward.shape == (32, 64, 64, 3) and forward.dtype == np.uint8
-      np.testing.assert_array_equal(backward, forward[::-1])
-  a = synthetic.render('long_range', 2, synthetic.clip_rng(0, 0, 0), LR_FRAMES, LR_SIZE)
+  for index in range(3):
+    forward = synthetic.render_long_range_clip(0, synthetic.clip_rng(3, 0, index))
+    backward = synthetic.render_long_range_clip(1, synthetic.clip_rng(3, 0, index))
+    assert forward.shape == (32, 64, 64, 3) and forward.dtype == np.uint8
+    np.testing.assert_array_equal(backward, forward[::-1])
+  a = synthetic.render('long_range', 1, synthetic.clip_rng(0, 0, 0), LR_FRAMES, LR_SIZE)
   np.testing.assert_array_equal(a, synthetic.render_long_range_clip(
-      2, synthetic.clip_rng(0, 0, 0), LR_FRAMES, LR_SIZE))
+      1, synthetic.clip_rng(0, 0, 0), LR_FRAMES, LR_SIZE))
   assert not np.array_equal(a, synthetic.render_long_range_clip(
-      2, synthetic.clip_rng(1, 0, 0), LR_FRAMES, LR_SIZE))
+      1, synthetic.clip_rng(1, 0, 0), LR_FRAMES, LR_SIZE))
   np.testing.assert_array_equal(
       synthetic.render('motion', 3, synthetic.clip_rng(0, 0, 0), 8, 32),
       synthetic.render_clip(3, synthetic.clip_rng(0, 0, 0), 8, 32))
   for frames, size in ((8, 32), (16, 32), (48, 32), (64, 64)):
     assert synthetic.render_long_range_clip(0, synthetic.clip_rng(0, 0, 0), frames,
                                             size).shape == (frames, size, size, 3)
-  with pytest.raises(ValueError, match=r'label 4 not in 0\.\.3'):
-    synthetic.render_long_range_clip(4, synthetic.clip_rng(0, 0, 0))
+  with pytest.raises(ValueError, match=r'label 2 not in 0\.\.1'):
+    synthetic.render_long_range_clip(2, synthetic.clip_rng(0, 0, 0))
+  with pytest.raises(ValueError, match=r'label -1 not in 0\.\.1'):
+    synthetic.long_range_events(-1, synthetic.clip_rng(0, 0, 0))
   with pytest.raises(ValueError, match='frames >= 8'):
     synthetic.render_long_range_clip(0, synthetic.clip_rng(0, 0, 0), 7)
   with pytest.raises(ValueError, match="task 'jumps' is not one of"):
@@ -371,25 +367,27 @@ def test_long_range_reversal_determinism_and_validation():
 
 
 def test_long_range_events_layout():
-  """Flashes: one of each pair per end quarter, no shared frame, steps as the class says."""
-  for frames in (8, 16, 32, 64):
+  """One flash per end quarter, the colour step the class says, class 1 = class 0 reversed."""
+  assert [synthetic.flash_duration(t) for t in (8, 16, 32, 64)] == [1, 2, 4, 8]
+  for frames in (8, 9, 16, 32, 64):
     duration, quarter = synthetic.flash_duration(frames), frames // 4
-    for label in range(4):
-      for index in range(30):
-        events = synthetic.long_range_events(label, synthetic.clip_rng(0, 0, index), frames)
-        occupied = np.zeros(frames, int)
-        for start, _, _ in events:
-          occupied[start:start + duration] += 1
-        assert occupied.max() == 1 and occupied.sum() == 4 * duration
-        for half in (0, 1):
-          (s0, _, c0), (s1, _, c1) = sorted(map(tuple, events[events[:, 1] == half]))
-          assert s0 + duration <= quarter and s1 >= frames - quarter
-          assert (c1 - c0) % 3 == LR_STEPS[label][half]
+    starts = set()
+    for index in range(100):
+      forward, backward = (synthetic.long_range_events(label, synthetic.clip_rng(0, 0, index),
+                                                       frames) for label in (0, 1))
+      np.testing.assert_array_equal(backward[:, 0], frames - duration - forward[::-1, 0])
+      np.testing.assert_array_equal(backward[:, 1], forward[::-1, 1])
+      for label, events in ((0, forward), (1, backward)):
+        (s0, c0), (s1, c1) = events
+        assert 0 <= s0 and s0 + duration <= quarter and frames - quarter <= s1, (frames, events)
+        assert s1 + duration <= frames and (c1 - c0) % 3 == LR_STEP[label]
+      starts.add(int(forward[0, 0]))
+    assert starts == set(range(quarter - duration + 1)), frames  # every place in the quarter
 
 
 def _window_content(events, start, length, duration):
-  """Flashes seen in the window ``[start, start + length)``: ``((time - start, half, colour),)``."""
-  return tuple(sorted((s - start, h, c) for s, h, c in events.tolist()
+  """Flashes seen in the window ``[start, start + length)``: ``((time - start, colour),)``."""
+  return tuple(sorted((s - start, c) for s, c in events.tolist()
                       if s < start + length and s + duration > start))
 
 
@@ -397,81 +395,78 @@ def _bayes_accuracy(contents, labels):
   """Accuracy on the odd draws of the majority label per content in the even draws."""
   votes = {}
   for content, label in zip(contents[0::2], labels[0::2]):
-    votes.setdefault(content, np.zeros(4))[label] += 1
+    votes.setdefault(content, np.zeros(2))[label] += 1
   guess = [int(votes[c].argmax()) if c in votes else 0 for c in contents[1::2]]
   return float(np.mean(np.array(guess) == labels[1::2]))
 
 
 def test_long_range_windows_carry_no_class_information():
-  """From the generator's flashes: every window of up to ``long_range_window(T)`` frames has the
-  same distribution of contents (flash times, halves, colours) for every class."""
+  """From the generator's flashes: every window of up to ``long_range_window(T)`` frames, at any
+  place in the clip, has the same distribution of contents (flash times, colours) for both
+  classes; the whole clip decides the class."""
   frames, duration = LR_FRAMES, synthetic.flash_duration(LR_FRAMES)
   window = synthetic.long_range_window(frames)
   assert (window, synthetic.long_range_window(64), synthetic.long_range_window(16)) == (17, 33, 9)
-  draws = 2000
-  labels = np.repeat(np.arange(4), draws)
+  draws = 3000
+  labels = np.repeat(np.arange(2), draws)
   events = [synthetic.long_range_events(int(label), synthetic.clip_rng(5, 0, i), frames)
             for i, label in enumerate(labels)]
   report = {}
   for start in range(frames - window + 1):  # a shorter window sees a part of one of these
     contents = [_window_content(e, start, window, duration) for e in events]
-    # Coarse contents (colours seen per half): total variation between classes.
-    coarse = np.array([[min(c for _, h, c in content if h == half) if any(
-        h == half for _, h, _ in content) else 3 for half in (0, 1)] for content in contents])
-    cells = coarse[:, 0] * 4 + coarse[:, 1]
-    table = np.stack([np.bincount(cells[labels == k], minlength=16) for k in range(4)])
+    # Coarse contents (the colour seen, 3 if none): chi2 homogeneity of the two classes.
+    cells = np.array([content[0][1] if content else 3 for content in contents])
+    table = np.stack([np.bincount(cells[labels == k], minlength=4) for k in range(2)])
     table = table[:, table.sum(0) > 0]
     expected = table.sum(1, keepdims=True) * table.sum(0) / table.sum()
-    chi2, dof = float(((table - expected) ** 2 / expected).sum()), 3 * (table.shape[1] - 1)
+    chi2, dof = float(((table - expected) ** 2 / expected).sum()), table.shape[1] - 1
     report[start] = (round(chi2 / dof, 2), _bayes_accuracy(contents, labels))
-    # Homogeneity of the classes' contents: chi2 ~ dof +- sqrt(2 dof) if they are the same; the
-    # majority vote over the exact contents (times included) is at 0.25 +- 0.01.
-    assert chi2 < dof + 4 * np.sqrt(2 * dof), report
-    assert report[start][1] < 0.29, report
-  # The whole clip decides the class: the step from each pair's first colour to its last.
-  whole = [_window_content(e, 0, frames, duration) for e in events]
-  steps = [tuple((c[-1] - c[0]) % 3 for c in ([c for _, h, c in content if h == half]
-                                               for half in (0, 1))) for content in whole]
-  assert [LR_STEPS[label] for label in labels] == steps
-  print(f'long_range windows of {window} frames (start: chi2 / dof of the colours seen per '
-        f'half, majority-vote accuracy): {report}')
+    # chi2 ~ dof +- sqrt(2 dof) if the classes are the same; the majority vote over the exact
+    # contents (times included) is at 0.5 +- 0.01 (3000 test draws).
+    assert chi2 < dof + 5 * np.sqrt(2 * dof), report
+    assert abs(report[start][1] - 0.5) < 0.045, report
+  # The whole clip decides the class: the step from the first colour to the second.
+  steps = [(e[1, 1] - e[0, 1]) % 3 for e in events]
+  assert [LR_STEP[label] for label in labels] == steps
+  print(f'long_range windows of {window} frames (start: chi2 / dof of the colour seen, '
+        f'majority-vote accuracy): {report}')
 
 
 def test_long_range_order_free_and_window_statistics_at_chance_whole_clip_order_separates():
-  per_class = 40
-  labels = np.repeat(np.arange(4), per_class)
+  per_class = 100
+  labels = np.repeat(np.arange(2), per_class)
   clips = _lr_clips(labels, seed=11)
   n = len(labels)
   colours = _flash_colours(clips)
   # The detector finds exactly the generator's flashes (rendered frames, 32x32).
   duration = synthetic.flash_duration(LR_FRAMES)
   for i, label in enumerate(labels):
-    expected = -np.ones((2, LR_FRAMES), int)
-    for start, half, colour in synthetic.long_range_events(int(label),
-                                                           synthetic.clip_rng(11, 7, i), LR_FRAMES):
-      expected[half, start:start + duration] = colour
+    expected = -np.ones(LR_FRAMES, int)
+    for start, colour in synthetic.long_range_events(int(label), synthetic.clip_rng(11, 7, i),
+                                                     LR_FRAMES):
+      expected[start:start + duration] = colour
     np.testing.assert_array_equal(colours[i], expected)
   flat = clips.reshape(n, LR_FRAMES, -1).astype(np.float32)
   window = synthetic.long_range_window(LR_FRAMES)
   acc = {'mean_frame': _nearest_centroid_accuracy(flat.mean(1), labels),
          'sorted_frames': _nearest_centroid_accuracy(np.sort(flat, 1).reshape(n, -1), labels),
-         'flash_counts': _nearest_centroid_accuracy(  # per half and colour: flash frames
-             np.stack([(colours == c).sum(-1) for c in range(3)], -1).reshape(n, -1), labels),
+         'flash_counts': _nearest_centroid_accuracy(  # per colour: flash frames
+             np.stack([(colours == c).sum(-1) for c in range(3)], -1).astype(float), labels),
          'whole_clip_order': float(np.mean(_order_label(colours) == labels))}
   for start in (0, (LR_FRAMES - window) // 2, LR_FRAMES - window):
     part = slice(start, start + window)
     acc[f'window_{start}_mean'] = _nearest_centroid_accuracy(flat[:, part].mean(1), labels)
-    acc[f'window_{start}_order'] = float(np.mean(_order_label(colours[:, :, part]) == labels))
-  print('long_range accuracies (chance 0.25, 80 test clips):', acc)
+    acc[f'window_{start}_order'] = float(np.mean(_order_label(colours[:, part]) == labels))
+  print(f'long_range accuracies (chance 0.5, {n // 2} test clips):', acc)
   assert acc.pop('whole_clip_order') == 1.0, acc
   for name, value in acc.items():
-    # 80 test clips: chance 0.25 +- 0.05 (1 sd). The windowed order feature sees at most one
-    # flash per half (step 0), so it never names a class: 0.
-    assert value <= 0.45, (name, acc)
+    # 100 test clips: chance 0.5 +- 0.05 (1 sd). The windowed order feature sees at most one
+    # flash (no step), so it never names a class: 0.
+    assert value <= 0.67, (name, acc)
 
 
 def test_long_range_cli_dataset(tmp_path, monkeypatch):
-  """``--task long_range``: 4 classes, 32 frames by default; the flashes survive H.264 and JPEG at
+  """``--task long_range``: 2 classes, 32 frames by default; the flashes survive H.264 and JPEG at
   32x32 (the whole-clip order feature is exact on the decoded frames)."""
   monkeypatch.delenv('CUDA_VISIBLE_DEVICES', raising=False)  # main() sets it; restored after
   root = tmp_path / 'long_range'
@@ -485,7 +480,7 @@ def test_long_range_cli_dataset(tmp_path, monkeypatch):
     assert [line.strip() for line in f] == list(synthetic.LONG_RANGE_CLASSES)
   for split, code, name in synthetic.SPLITS:
     entries = _read_list(root / name)
-    assert [label for _, label in entries] == [i % 4 for i in range(len(entries))]
+    assert [label for _, label in entries] == [i % 2 for i in range(len(entries))]
     decoded = []
     for rel, _ in entries:
       with av.open(str(root / 'videos' / rel)) as container:

@@ -22,34 +22,31 @@ order does. Before noise, the main object is always brighter (every channel >= 1
 
 Task ``long_range`` (``render_long_range_clip``; 32 frames by default, any ``frames >= 8``). The
 class is set by the two ends of the clip only: no window of up to ``T - 2 * (T // 4) + 1`` frames
-(17 of 32, 33 of 64) carries any information about it. A clip holds two pairs of colour flashes,
-one pair in the top half of the frame, one in the bottom half. Each flash is a saturated disk of
-one of 3 colours (red, green, blue: the cycle r -> g -> b -> r) lasting
-``d = max(1, (T + 6) // 12)`` frames (3 of 32, 5 of 64; it scales with T), at a random place in its
-half. Of each pair, one flash
-lies in the first quarter of the clip (frames ``< T // 4``), the other in the last quarter (frames
-``>= T - T // 4``), at random times; no two flashes share a frame. The early flash's colour is
-uniform, the late flash's colour is the next one in the cycle (the pair steps ``forward``) or the
-previous one (``backward``). Classes are (top pair, bottom pair) steps:
+(9 of 16, 17 of 32, 33 of 64) carries any information about it. A clip shows two flashes of one
+large disk (radius 25-30% of the frame, at a random place shared by both flashes) in one of 3
+saturated colours (red, green, blue: the cycle r -> g -> b -> r). Each flash lasts
+``d = flash_duration(T) = max(1, T // 8)`` frames (2 of 16, 4 of 32); one lies in the first
+quarter of the clip (frames ``< T // 4``), the other in the last quarter (frames
+``>= T - T // 4``), at random times. The first flash's colour is uniform; the second is the next
+colour in the cycle (class 0, ``colour_steps_forward``) or the previous one (class 1,
+``colour_steps_backward``). As for ``motion``, ``render_long_range_clip(1, rng)`` is exactly
+``render_long_range_clip(0, rng)[::-1]``.
 
-  0 top_forward_bottom_forward     1 top_backward_bottom_backward
-  2 top_forward_bottom_backward    3 top_backward_bottom_forward
-
-As for ``motion``, ``render_long_range_clip(2k + 1, rng)`` is exactly ``render_long_range_clip(2k,
-rng)[::-1]``. Why nothing shorter than the clip decides the class (``long_range_events`` gives the
-flashes of a clip): every flash alone has a uniform colour whatever the class (the early colour is
-uniform, the late one a fixed step from it), the flashes' times and places, the texture and the
-distractors do not depend on the class, and the two pairs are independent; so a window that sees
-at most one flash of each pair, which every window of up to ``T - 2 * (T // 4) + 1`` frames does,
-has the same distribution of contents for every class. No frame-order-free statistic helps either:
-flashes never share a frame and the distractors carry no time (below), so the multiset of frames
-of a clip has the same distribution for every class (it holds one flash of each colour pair
-``{c, c + 1}`` per half, whichever comes first). A C2D model (per-frame features averaged over
-time, linear head) is therefore at chance; it takes a relation between the first and the last
-quarter. The distractors are a darker disk (every channel <= 160) at a new random place in every
-frame (so that no frame tells its time), the static texture (<= 150), a per-frame flicker and pixel
-noise. Before noise, inside a flash its colour's channel exceeds both others by >= 170; in the
-texture and the distractor every channel exceeds the others by < 130.
+Why nothing shorter than the clip decides the class (``long_range_events`` gives the flashes of a
+clip): each flash alone has a uniform colour whatever the class (the first colour is uniform, the
+second a fixed step from it), and the flashes' times and place, the texture and the distractor do
+not depend on the class; so a window that sees at most one flash, which every window of up to
+``T - 2 * (T // 4) + 1`` frames does, has the same distribution of contents for both classes.
+Knowing where a window lies in the clip does not help either (a flash of the first quarter is as
+likely red, green or blue in both classes), so a module with a short temporal reach cannot use
+the clip's ends as a clock. No frame-order-free statistic helps: the distractor carries no time
+(below), so the multiset of frames has the same distribution for both classes (one flash of each
+colour of a pair ``{c, c + 1}``, whichever comes first). A C2D model (per-frame features averaged
+over time, linear head) is therefore at chance; it takes a relation between the first and the last
+quarter. The distractor is a darker disk (every channel <= 160) at a new random place in every
+frame (so that no frame tells its time); behind everything is the static texture (<= 150), plus a
+per-frame flicker and pixel noise. Before noise, inside a flash its colour's channel exceeds both
+others by >= 170; in the texture and the distractor every channel exceeds the others by < 130.
 
 Output in ``--output``:
   videos/{train,validation}/NNNNNN.mp4  H.264 (libx264, yuv420p, CRF 18; mpeg4 if libx264 is absent)
@@ -57,14 +54,14 @@ Output in ``--output``:
   classes.txt                           class names of the task, one per line (index = line)
   tfrecords/                            converter output (``dtf_jax.data.convert``): splits
                                         ``train`` and ``validation``, frames at the rendered size.
-  synthetic.json                        what is generated (``VERSION``, the task, the arguments and
-                                        ``complete``): a run with the same arguments finds the
-                                        dataset up to date and does nothing, or resumes one that
-                                        was stopped; other arguments or another version need
-                                        ``--overwrite``, which replaces the dataset.
+  synthetic.json                        what is generated (the task, its ``VERSIONS`` entry,
+                                        the arguments and ``complete``): a run with the same
+                                        arguments finds the dataset up to date and does nothing,
+                                        or resumes one that was stopped; other arguments or
+                                        another version need ``--overwrite``, which replaces it.
 Clip ``i`` of a split is drawn from ``numpy.random.default_rng([seed, split_code, i])`` (train 0,
 validation 1) with label ``i % num_classes`` (balanced), so every file is determined by ``--task``,
-``--seed`` and ``VERSION`` alone.
+``--seed`` and the task's version alone.
 """
 
 import argparse
@@ -89,14 +86,15 @@ SPLITS = (('train', 0, 'train.txt'), ('validation', 1, 'val.txt'))  # (name, see
 NOISE_STD = 4.0     # Gaussian pixel noise (uint8 units)
 FLICKER_STD = 3.0   # per-frame global brightness offset
 CRF = 18
-VERSION = 2         # of the rendering: bump when render_clip's output changes (2: larger, faster
-                    # rotations, which the quickstart learns reliably)
 SPEC_FILE = 'synthetic.json'
 
 TASKS = ('motion', 'long_range')
+# Of each task's rendering: bump when its clips change. motion 2: larger, faster rotations, which
+# the quickstart learns reliably; long_range 3: one flash pair of a large disk, 2 classes (version
+# 2 had two pairs of small flashes, 4 classes, which no module learnt at CPU scale).
+VERSIONS = {'motion': 2, 'long_range': 3}
 DEFAULT_FRAMES = {'motion': 16, 'long_range': 32}
-LONG_RANGE_CLASSES = ('top_forward_bottom_forward', 'top_backward_bottom_backward',
-                      'top_forward_bottom_backward', 'top_backward_bottom_forward')
+LONG_RANGE_CLASSES = ('colour_steps_forward', 'colour_steps_backward')
 FLASH_COLORS = ('red', 'green', 'blue')  # the cycle: forward is +1 (mod 3)
 FLASH_RGB = np.array([[235, 35, 35], [30, 225, 30], [40, 60, 255]], np.float32)
 LONG_RANGE_MIN_FRAMES = 8
@@ -208,54 +206,38 @@ def render_clip(label: int, rng: np.random.Generator, frames: int = 16,
 
 
 def flash_duration(frames: int) -> int:
-  """Frames a long-range flash lasts: ``max(1, (frames + 6) // 12)`` (3 of 32, 5 of 64)."""
-  return max(1, (frames + 6) // 12)
+  """Frames a long-range flash lasts: ``max(1, frames // 8)`` (2 of 16, 4 of 32, 8 of 64)."""
+  return max(1, frames // 8)
 
 
 def long_range_window(frames: int) -> int:
-  """The longest window (frames) that sees at most one flash of each long-range pair.
+  """The longest window (frames) that sees at most one of a long-range clip's two flashes.
 
-  ``frames - 2 * (frames // 4) + 1``: a window holding both flashes of a pair reaches from the
-  first quarter (frames ``< frames // 4``) into the last (``>= frames - frames // 4``).
+  ``frames - 2 * (frames // 4) + 1``: a window holding both flashes reaches from the first quarter
+  (frames ``< frames // 4``) into the last (``>= frames - frames // 4``).
   """
   return frames - 2 * (frames // 4) + 1
 
 
-def _placement(rng: np.random.Generator, quarter: int, duration: int) -> np.ndarray:
-  """Starts ``(2,)`` of two non-overlapping flashes in ``[0, quarter)``, uniform over such pairs.
-
-  The set of pairs is symmetric under ``s -> quarter - duration - s`` (time reversal).
-  """
-  starts = range(quarter - duration + 1)
-  pairs = [(a, b) for a in starts for b in starts if abs(a - b) >= duration]
-  return np.array(pairs[rng.integers(len(pairs))])
-
-
 def long_range_events(label: int, rng: np.random.Generator, frames: int = 32) -> np.ndarray:
-  """The flashes of a long-range clip of class ``label``: ``int 4 3`` rows (start, half, colour).
+  """The flashes of a long-range clip of class ``label``: ``int 2 2`` rows (start, colour).
 
-  ``half`` 0 is the top pair, 1 the bottom pair; ``colour`` indexes ``FLASH_COLORS``; every flash
-  lasts ``flash_duration(frames)`` frames from ``start``. Rows: top early, top late, bottom early,
-  bottom late (for odd labels, the clip is reversed, so "early" is the later flash). The draws from
-  ``rng`` do not depend on ``label``.
+  Rows in time order: the flash of the first quarter, then that of the last; ``colour`` indexes
+  ``FLASH_COLORS``; each flash lasts ``flash_duration(frames)`` frames from ``start``. The second
+  colour is one step forward (``label`` 0) or backward (1) in the cycle from the first. The draws
+  from ``rng`` do not depend on ``label``, and class 1's events are class 0's reversed in time.
   """
   if not 0 <= label < len(LONG_RANGE_CLASSES):
     raise ValueError(f'label {label} not in 0..{len(LONG_RANGE_CLASSES) - 1}')
   if frames < LONG_RANGE_MIN_FRAMES:
     raise ValueError(f'long_range needs frames >= {LONG_RANGE_MIN_FRAMES}, got {frames}')
-  kind, backwards = divmod(label, 2)
   duration, quarter = flash_duration(frames), frames // 4
-  first = rng.integers(len(FLASH_COLORS), size=2)           # early colour of the top, bottom pair
-  early = _placement(rng, quarter, duration)
-  late = frames - duration - _placement(rng, quarter, duration)
-  steps = (1, 1 if kind == 0 else -1)                       # top, bottom (forward clip)
-  rows = []
-  for half in (0, 1):
-    rows.append((early[half], half, first[half]))
-    rows.append((late[half], half, (first[half] + steps[half]) % len(FLASH_COLORS)))
-  events = np.array(rows, np.int64)
-  if backwards:
-    events[:, 0] = frames - duration - events[:, 0]
+  first = int(rng.integers(len(FLASH_COLORS)))
+  starts = rng.integers(quarter - duration + 1, size=2)  # offsets from the clip's two ends
+  events = np.array([(starts[0], first),
+                     (frames - duration - starts[1], (first + 1) % len(FLASH_COLORS))], np.int64)
+  if label == 1:  # the clip reversed: the flashes swap places and their order
+    events = np.stack([frames - duration - events[::-1, 0], events[::-1, 1]], axis=1)
   return events
 
 
@@ -264,9 +246,11 @@ def render_long_range_clip(label: int, rng: np.random.Generator, frames: int = 3
   """One long-range clip of class ``label`` -> ``uint8 T H W 3`` (T = ``frames``, H = W = ``size``).
 
   The flashes are ``long_range_events(label, rng, frames)`` (drawn first); the draws from ``rng``
-  do not depend on ``label``, and the odd class of a pair is the even class's clip reversed in time.
+  do not depend on ``label``, and class 1's clip is class 0's reversed in time.
   """
-  events = long_range_events(label - label % 2, rng, frames)
+  if not 0 <= label < len(LONG_RANGE_CLASSES):
+    raise ValueError(f'label {label} not in 0..{len(LONG_RANGE_CLASSES) - 1}')
+  events = long_range_events(0, rng, frames)  # class 1: the clip reversed, at the end
   duration, s = flash_duration(frames), float(size)
   yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + np.float32(0.5)
   canvas = np.broadcast_to(_background(rng, size).astype(np.float32),
@@ -279,18 +263,18 @@ def render_long_range_clip(label: int, rng: np.random.Generator, frames: int = 3
   dist = np.hypot(xx - _col(d_pos[0]), yy - _col(d_pos[1])) - d_radius
   _draw(canvas, np.clip(0.5 - dist, 0.0, 1.0), d_color)
 
-  for start, half, colour in events:
-    radius = rng.uniform(0.12, 0.15) * s
-    cx = rng.uniform(0.2, 0.8) * s
-    cy = (rng.uniform(0.18, 0.32) + 0.5 * half) * s  # top half or bottom half, disjoint disks
+  # Both flashes: one large disk at one place.
+  cx, cy = rng.uniform(0.3, 0.7, 2) * s
+  radius = rng.uniform(0.25, 0.30) * s
+  alpha = np.clip(0.5 - (np.hypot(xx - cx, yy - cy) - radius), 0.0, 1.0)
+  for start, colour in events:
     rgb = np.minimum(FLASH_RGB[colour] + rng.uniform(-10.0, 10.0, 3), 255.0).astype(np.float32)
-    alpha = np.clip(0.5 - (np.hypot(xx - cx, yy - cy) - radius), 0.0, 1.0)
     _draw(canvas[start:start + duration], np.broadcast_to(alpha, (duration, size, size)), rgb)
 
   flicker = rng.normal(0.0, FLICKER_STD, (frames, 1, 1, 1)).astype(np.float32)
   noise = rng.standard_normal((frames, size, size, 3), dtype=np.float32) * NOISE_STD
   out = np.clip(np.rint(canvas + flicker + noise), 0, 255).astype(np.uint8)
-  return np.ascontiguousarray(out[::-1]) if label % 2 else out
+  return np.ascontiguousarray(out[::-1]) if label == 1 else out
 
 
 def task_classes(task: str) -> tuple:
@@ -403,11 +387,11 @@ def generate(output_dir: str, num_train: int = 800, num_val: int = 200,
   paths = {'videos': video_root, 'classes': str(root / 'classes.txt'),
            'tfrecords': str(root / 'tfrecords'),
            **{list_name: str(root / list_name) for _, _, list_name in SPLITS}}
-  spec = {'version': VERSION, 'task': task, 'num_train': num_train, 'num_val': num_val,
+  spec = {'version': VERSIONS[task], 'task': task, 'num_train': num_train, 'num_val': num_val,
           'frames': frames, 'size': size, 'seed': seed, 'fps': fps, 'codec': codec,
           'convert': convert, 'videos_per_shard': videos_per_shard, 'jpeg_quality': jpeg_quality}
   if _up_to_date(root, spec, overwrite):  # else the record says: under way
-    print(f'synthetic: {output_dir} is up to date ({task}, version {VERSION}, seed {seed}); '
+    print(f'synthetic: {output_dir} is up to date ({task}, version {VERSIONS[task]}, seed {seed}); '
           'nothing to do', flush=True)
     manifests = {split: storage.read_json(root / 'tfrecords' / f'{split}-manifest.json')
                  for split, _, _ in SPLITS} if convert else {}
@@ -497,7 +481,7 @@ def _up_to_date(root, spec: Dict, overwrite: bool) -> bool:
     found = 'a synthetic dataset of other settings (' + ', '.join(
         f'{k} {old.get(k)} -> {spec[k]}' for k in sorted(spec) if old.get(k) != spec[k]) + ')'
   elif any((root / name).exists() for name in ('videos', 'tfrecords')):
-    found = f'files of a synthetic dataset older than version {VERSION} (no {SPEC_FILE})'
+    found = f'files of a synthetic dataset written before {SPEC_FILE} existed'
   else:
     return False
   if not overwrite:
@@ -526,7 +510,7 @@ def parse_args(argv: Optional[List[str]] = None):
                                    epilog=__doc__.split('\n', 1)[1])
   parser.add_argument('--output', required=True, help='output directory (created).')
   parser.add_argument('--task', choices=TASKS, default='motion',
-                      help='motion (8 classes, default) or long_range (4 classes).')
+                      help='motion (8 classes, default) or long_range (2 classes).')
   parser.add_argument('--num-train', type=int, default=800, help='train clips (default 800).')
   parser.add_argument('--num-val', type=int, default=200, help='validation clips (default 200).')
   parser.add_argument('--frames', type=int, default=None,

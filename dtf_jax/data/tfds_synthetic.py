@@ -3,7 +3,7 @@
 Each example is one clip of ``dtf_jax.data.synthetic`` (task ``motion`` or ``long_range``):
   video  ``uint8 T H W 3`` RGB (T = frames, H = W = size, see the configs), stored as one JPEG per
          frame (``tf.image.encode_jpeg``, quality 95)
-  label  class index, names ``synthetic.task_classes(task)`` (8 for motion, 4 for long_range);
+  label  class index, names ``synthetic.task_classes(task)`` (8 for motion, 2 for long_range);
          clip ``i`` has label ``i % num_classes``
   id     ``{split}/{i:06d}``, the clip's path in ``python -m dtf_jax.data.synthetic``'s ``videos/``
 
@@ -47,13 +47,15 @@ class DtfSyntheticConfig(tfds.core.BuilderConfig):
 
 
 class DtfSynthetic(tfds.core.GeneratorBasedBuilder):
-  """The synthetic temporal datasets: 8 motion classes or 4 long-range classes (``synthetic``)."""
+  """The synthetic temporal datasets: 8 motion classes or 2 long-range classes (``synthetic``)."""
 
-  # Follows the rendering's version. The long-range configs were added in 2.0.0 without a bump:
-  # the existing configs' data and features are unchanged.
-  VERSION = tfds.core.Version(f'{synthetic.VERSION}.0.0')
+  # Follows the newest rendering version of ``synthetic.VERSIONS``. The long-range configs were
+  # added in 2.0.0 without a bump: the existing configs' data and features were unchanged.
+  VERSION = tfds.core.Version(f'{max(synthetic.VERSIONS.values())}.0.0')
   RELEASE_NOTES = {'1.0.0': 'Initial release: clips rendered, encoded to mp4, decoded with PyAV.',
-                   '2.0.0': 'Larger, faster rotations (synthetic.VERSION 2).'}
+                   '2.0.0': 'Larger, faster rotations (motion version 2).',
+                   '3.0.0': 'Long-range task: one flash pair of a large disk, 2 classes '
+                            '(long_range version 3); the motion configs are unchanged.'}
   BUILDER_CONFIGS = [
       DtfSyntheticConfig(name='default', description='800 train / 200 validation clips, '
                          '16 frames of 64x64, seed 0 (synthetic.generate defaults).'),
