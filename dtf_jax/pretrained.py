@@ -5,6 +5,7 @@ Two kinds of directory load the same way::
     model, variables = dtf_jax.pretrained.load_pretrained('dtf_r50_k400')   # convert_torch output
     model, variables = dtf_jax.pretrained.load_pretrained('runs/my_run')     # a main.py workdir
     logits = model.apply(variables, video, train=False)                       # video: B T H W 3
+    features = model.apply(variables, video, features=True)                   # B D, pre-head
     names = dtf_jax.pretrained.read_meta('runs/my_run')['class_names']
 
 A pretrained directory holds ``variables/`` (an orbax checkpoint of ``{'params', 'batch_stats'}``;

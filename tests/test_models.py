@@ -8,6 +8,8 @@ Init uses an ``rbg`` key: XLA compiles its random-bit generation several times f
 threefry's, and the values of the initial weights do not matter here.
 """
 
+import functools
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -184,6 +186,22 @@ def test_eval_logits_shape_dtype(built):
   assert logits.dtype == jnp.float32
   assert np.all(np.isfinite(np.asarray(logits)))
   assert not np.allclose(logits[0], logits[1])  # the two clips give different logits
+
+
+def test_features_are_what_the_head_maps_to_the_logits(built):
+  """``features=True``: the pooled ``B D`` float32 feature; the head applied to it (by hand, in
+  float64) gives the eval logits, and the head is not created when initialising with it."""
+  features = jax.jit(lambda v, x: built.dtf.apply(v, x, features=True))(built.variables,
+                                                                         built.video)
+  head = built.variables['params']['head']
+  assert features.dtype == jnp.float32 and features.shape == (BATCH, head['kernel'].shape[0])
+  by_hand = (np.asarray(features, np.float64) @ np.asarray(head['kernel'], np.float64)
+             + np.asarray(head['bias'], np.float64))
+  np.testing.assert_allclose(by_hand, built.eval(built.variables, built.video), rtol=1e-5,
+                             atol=1e-5)
+  shapes = jax.eval_shape(functools.partial(built.dtf.init, features=True), _init_key(),
+                          built.video[:1])
+  assert 'head' not in shapes['params']
 
 
 @pytest.mark.parametrize('family', sorted(FAMILIES))

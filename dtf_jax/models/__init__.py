@@ -5,6 +5,10 @@ Names: ``c2d_r50``, ``dtf_r50``, ``c2d_r101``, ``dtf_r101`` (ResNet, see ``resne
 backbones without a temporal module. Keyword arguments are the model's attributes; those that fix
 the architecture of a name (e.g. ``temporal``) may still be overridden for ablations (``temporal``
 takes any name of ``dtf_jax.layers.temporal.TEMPORAL_MODULES``).
+
+Every model maps ``video B T H W 3`` to logits ``B num_classes``; ``model.apply(variables, video,
+features=True)`` gives instead the pooled feature ``B D`` (float32) that the linear head maps to
+those logits (``logits = features @ head.kernel + head.bias`` at eval).
 """
 
 import dataclasses

@@ -92,7 +92,12 @@ class ResNet(nn.Module):
   remat: str = 'none'
 
   @nn.compact
-  def __call__(self, video, train: bool = False):
+  def __call__(self, video, train: bool = False, features: bool = False):
+    """``video B T H W 3`` -> logits ``B num_classes`` (float32), or with ``features=True`` the
+    pooled feature ``B D`` (float32) that the head maps to the logits (before dropout).
+
+    Initialise with ``features=False``: ``features=True`` does not create the head.
+    """
     check_video(video, model=type(self).__name__, clip_length=self.clip_length,
                 early_stride=self.early_stride)
     check_remat(self.remat, type(self).__name__)
@@ -128,5 +133,7 @@ class ResNet(nn.Module):
         index += 1
 
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2, 3))
+    if features:
+      return x
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     return nn.Dense(self.num_classes, dtype=jnp.float32, name='head')(x)

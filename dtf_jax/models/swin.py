@@ -217,7 +217,14 @@ class SwinTransformer(nn.Module):
       res //= 2
 
   @nn.compact
-  def __call__(self, video, train: bool = False):
+  def __call__(self, video, train: bool = False, features: bool = False):
+    """``video B T H W 3`` -> logits ``B num_classes`` (float32), or with ``features=True`` the
+    pooled feature ``B D`` (float32, the mean over tokens and time steps) that the head maps to
+    the logits (before dropout; the head is linear, so the time-averaged logits equal it applied
+    to this mean).
+
+    Initialise with ``features=False``: ``features=True`` does not create the head.
+    """
     check_video(video, model=type(self).__name__, clip_length=self.clip_length,
                 early_stride=self.early_stride)
     if video.shape[2] != self.image_size or video.shape[3] != self.image_size:
@@ -255,6 +262,8 @@ class SwinTransformer(nn.Module):
 
     x = nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, name='norm')(x)
     x = jnp.mean(x, axis=(1, 2))
+    if features:
+      return jnp.mean(x.reshape(batch, steps, x.shape[-1]), axis=1)
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     logits = nn.Dense(self.num_classes, dtype=jnp.float32, kernel_init=dense_init, name='head')(x)
     return jnp.mean(logits.reshape(batch, steps, self.num_classes), axis=1)
