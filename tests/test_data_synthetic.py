@@ -23,7 +23,7 @@ import pytest
 av = pytest.importorskip('av')
 pytest.importorskip('tensorflow')
 
-from dtf_jax.data import synthetic  # noqa: E402
+from dtf_jax.data import synthetic, video  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 FRAMES, SIZE = 16, 64
@@ -165,7 +165,7 @@ def test_lists_balanced_and_classes(dataset):
     counts = np.bincount([label for _, label in entries], minlength=8)
     assert counts.max() - counts.min() <= 1, counts
     assert all(os.path.exists(os.path.join(paths['videos'], rel)) for rel, _ in entries)
-  assert dataset['codec'] == synthetic.video_codec()
+  assert dataset['codec'] == video.video_codec()
 
 
 def test_mp4_decodes_to_rendered_frames(dataset):

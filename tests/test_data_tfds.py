@@ -14,6 +14,7 @@ tfds = pytest.importorskip('tensorflow_datasets')
 from dtf_jax.data import synthetic  # noqa: E402  (hides GPUs from TF before TF is used)
 import tensorflow as tf  # noqa: E402
 from dtf_jax.data import tfds_synthetic  # noqa: E402  (registers 'dtf_synthetic')
+from dtf_jax.data import video  # noqa: E402
 
 FRAMES, SIZE = 16, 64
 COUNTS = {'train': 48, 'validation': 16}
@@ -82,7 +83,7 @@ def test_frames_match_pyav_decoded_mp4(data_dir, tmp_path):
     for index, ex in _load(data_dir, split).items():
       path = str(tmp_path / f'{split}_{index:06d}.mp4')
       rendered = synthetic.render_clip(index % 8, synthetic.clip_rng(0, code, index), FRAMES, SIZE)
-      synthetic.write_mp4(path, rendered)
+      video.write_mp4(path, rendered)
       with av.open(path) as container:
         decoded = np.stack([f.to_ndarray(format='rgb24') for f in container.decode(video=0)])
       assert decoded.shape == ex['video'].shape

@@ -65,7 +65,6 @@ validation 1) with label ``i % num_classes`` (balanced), so every file is determ
 """
 
 import argparse
-import io
 import math
 import multiprocessing
 import os
@@ -73,10 +72,10 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
-import av
 import numpy as np
 
 from dtf_jax import storage
+from dtf_jax.data.video import video_codec, write_mp4
 
 CLASSES = ('moving_left', 'moving_right', 'moving_up', 'moving_down', 'growing', 'shrinking',
            'rotating_clockwise', 'rotating_counterclockwise')
@@ -85,7 +84,6 @@ SHAPES = ('box', 'ellipse', 'triangle')
 SPLITS = (('train', 0, 'train.txt'), ('validation', 1, 'val.txt'))  # (name, seed code, list file)
 NOISE_STD = 4.0     # Gaussian pixel noise (uint8 units)
 FLICKER_STD = 3.0   # per-frame global brightness offset
-CRF = 18
 SPEC_FILE = 'synthetic.json'
 
 TASKS = ('motion', 'long_range')
@@ -298,53 +296,6 @@ def _check_task(task: str) -> None:
 def clip_rng(seed: int, split_code: int, index: int) -> np.random.Generator:
   """The generator of clip ``index`` of a split (``split_code`` 0: train, 1: validation)."""
   return np.random.default_rng([seed, split_code, index])
-
-
-def video_codec() -> str:
-  """``libx264`` if this PyAV build has it, else ``mpeg4``."""
-  return 'libx264' if 'libx264' in av.codecs_available else 'mpeg4'
-
-
-def rgb_to_yuv420p(frame: np.ndarray) -> np.ndarray:
-  """``uint8 H W 3`` RGB (H % 4 == W % 2 == 0) -> ``uint8 (3H/2) W`` yuv420p planes (PyAV's).
-
-  BT.601 limited range (FFmpeg's default matrix, which decoding back to RGB inverts), chroma the
-  mean of each 2x2 block. Done in numpy so that the encoder's input is exactly reproducible.
-  """
-  h, w = frame.shape[:2]
-  x = frame.astype(np.float64)
-  r, g, b = x[..., 0], x[..., 1], x[..., 2]
-  y = 16.0 + (65.481 * r + 128.553 * g + 24.966 * b) / 255.0
-  r, g, b = (c.reshape(h // 2, 2, w // 2, 2).mean((1, 3)) for c in (r, g, b))
-  u = 128.0 + (-37.797 * r - 74.203 * g + 112.0 * b) / 255.0
-  v = 128.0 + (112.0 * r - 93.786 * g - 18.214 * b) / 255.0
-  planes = [y, u.reshape(h // 4, w), v.reshape(h // 4, w)]
-  return np.clip(np.rint(np.concatenate(planes, 0)), 0, 255).astype(np.uint8)
-
-
-def write_mp4(path: str, frames: np.ndarray, fps: int = 12, codec: Optional[str] = None) -> None:
-  """Writes ``uint8 T H W 3`` RGB frames (H % 4 == W % 2 == 0) as a yuv420p mp4, deterministic."""
-  codec = codec or video_codec()
-  buffer = io.BytesIO()
-  with av.open(buffer, 'w', format='mp4') as container:
-    stream = container.add_stream(codec, rate=fps)
-    stream.width, stream.height = frames.shape[2], frames.shape[1]
-    stream.pix_fmt = 'yuv420p'
-    if codec == 'libx264':
-      # asm=0: with x264's SIMD paths, re-encoding identical 64x64 frames in one process gave
-      # different bytes in 5-15% of the encodes; plain C gave 0 of 100 (costs ~8 ms per clip).
-      stream.options = {'crf': str(CRF), 'preset': 'veryfast', 'threads': '1',
-                        'x264-params': 'asm=0'}
-    else:
-      stream.bit_rate = 4 * stream.width * stream.height * fps  # ~4 bits per pixel
-      stream.options = {'threads': '1'}
-    for frame in frames:
-      yuv = av.VideoFrame.from_ndarray(rgb_to_yuv420p(frame), format='yuv420p')
-      for packet in stream.encode(yuv):
-        container.mux(packet)
-    for packet in stream.encode():
-      container.mux(packet)
-  storage.write_bytes(path, buffer.getvalue())
 
 
 def _write_clips(job):

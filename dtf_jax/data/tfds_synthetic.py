@@ -100,7 +100,7 @@ class DtfSynthetic(tfds.core.GeneratorBasedBuilder):
     """
     cfg = self.builder_config
     num_classes = len(synthetic.task_classes(cfg.task))
-    codec = synthetic.video_codec()
+    codec = video_lib.video_codec()
     shape = (cfg.frames, cfg.size, cfg.size, 3)
     with tempfile.TemporaryDirectory(prefix='dtf_synthetic_') as tmp:
       path = os.path.join(tmp, 'clip.mp4')
@@ -108,7 +108,7 @@ class DtfSynthetic(tfds.core.GeneratorBasedBuilder):
         label = i % num_classes
         clip = synthetic.render(cfg.task, label, synthetic.clip_rng(cfg.seed, split_code, i),
                                 cfg.frames, cfg.size)
-        synthetic.write_mp4(path, clip, cfg.fps, codec)
+        video_lib.write_mp4(path, clip, cfg.fps, codec)
         frames, _ = video_lib.decode_video(path, short_side=None)
         if frames.shape != shape:
           raise ValueError(f'{split} clip {i}: decoded {frames.shape}, expected {shape}')
