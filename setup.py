@@ -19,11 +19,13 @@ setuptools.setup(
         'tensorflow-cpu==2.21.0',
         'av==18.1.0',
         'tensorflow-datasets==4.9.10',
-        # Trainer: configs, metric writers (TensorBoard needs tensorboard), confusion-matrix plots.
+        # Trainer: configs, metric writers (TensorBoard needs tensorboard), confusion-matrix plots;
+        # pillow draws the labels of tools.predict's annotated videos.
         'ml-collections==1.1.0',
         'clu==0.0.12',
         'tensorboard==2.21.0',
         'matplotlib==3.11.2',
+        'pillow==13.0.0',
         # Reading .safetensors checkpoints (no PyTorch needed).
         'safetensors==0.8.0',
         # orbax imports it for every gs:// checkpoint directory (a bucket check) without

@@ -1,0 +1,292 @@
+"""Classifies video files with a trained model: top classes, features, an annotated copy.
+
+    python -m dtf_jax.tools.predict --checkpoint runs/quickstart \\
+        --video data/synthetic/videos/validation/00000{0,1}.mp4
+    python -m dtf_jax.tools.predict --checkpoint CKPT --video a.mp4 b.webm --json \\
+        --features feats.npz --per-view --out annotated/
+
+``CKPT`` is a pretrained directory (``convert_torch`` output) or a trainer workdir (its latest
+checkpoint, or ``--step``); the model and the class names come from its ``meta.json`` or
+``config.json`` (``dtf_jax.pretrained``).
+
+Each file (any container, length, frame rate and resolution PyAV decodes) goes through the path
+of the data a model is evaluated on: the converter's ``encode_video`` turns it into a record (PyAV
+decoding, short side resized, JPEG frames), and the eval pipeline (``pipeline.eval_dataset``) cuts
+it into views; so a file is seen exactly as ``main.py --mode=eval`` sees it once converted. The
+conversion settings are those of the workdir's eval data when its manifest can be read
+(``{split}-manifest.json``), else the converter's defaults. The views are the eval config's
+(``data.num_clips`` x ``data.num_crops`` at ``data.eval_size``; for a pretrained directory, the
+paper's Kinetics protocol: 10 x 3 at 256 for ResNets, 4 x 3 at 224 for Swin), or ``--clips`` /
+``--crops``. A file's scores are the mean softmax of its views, as in eval.
+
+Output: per file its top ``--top`` classes with scores (``--json``: one JSON line per file);
+``--features OUT.npz``: the pooled pre-classifier feature of each file (``features N D``, the mean
+over its views; ``--per-view`` adds ``view_features N V D``), with ``files``, ``scores N C`` and
+``class_names``; ``--out``: the video with the top-1 class and score drawn on it (a file for one
+video, a directory for several; frames upscaled to a short side of at least 256 to be readable).
+A file that cannot be decoded is reported and skipped; the exit code is 1 if any was, else 0.
+"""
+
+import argparse
+import dataclasses
+import fractions
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from dtf_jax import pretrained, storage
+from dtf_jax.data import convert, hide_accelerators_from_tf, video as video_lib
+from dtf_jax.models import model_spec
+
+# The paper's Kinetics-400 views (configs/base.py): for pretrained directories, which carry no
+# eval config. (family: (eval size, clips, crops)); Swin's eval size is its image size.
+PRETRAINED_VIEWS = {'resnet': (256, 10, 3), 'swin': (None, 4, 3)}
+MIN_ANNOTATED_SIDE = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+  """How a file becomes views: conversion settings and the eval views."""
+  clip_length: int
+  stride: int
+  size: int
+  num_clips: int
+  num_crops: int
+  encode: convert.EncodeOptions
+  source: str  # where the settings came from (printed)
+
+
+def eval_protocol(checkpoint: str, meta: Dict[str, Any], clips: Optional[int] = None,
+                  crops: Optional[int] = None) -> Protocol:
+  """The views of ``checkpoint`` (a workdir's eval config, or the paper's for a pretrained
+  directory), ``clips`` / ``crops`` replacing its clips and crops."""
+  path = storage.path(checkpoint)
+  encode, source = convert.EncodeOptions(), 'converter defaults'
+  if (path / pretrained.META_FILE).exists():
+    family = model_spec(meta['model']).family
+    size, num_clips, num_crops = PRETRAINED_VIEWS[family]
+    if size is None:
+      size = meta['kwargs']['image_size']
+    clip_length, stride = meta['kwargs']['clip_length'], 1
+    where = f'the paper\'s {family} views (pretrained directory)'
+  else:
+    data = storage.read_json(path / pretrained.CONFIG_FILE)['data']
+    clip_length, stride, size = data['clip_length'], data['stride'], data['eval_size']
+    num_clips, num_crops = data['num_clips'], data['num_crops']
+    where = f'the eval config of {path / pretrained.CONFIG_FILE}'
+    if data['dataset'].startswith('tfrecord:'):
+      manifest = storage.path(data['dataset'][len('tfrecord:'):]) / (
+          f'{data["eval_split"]}-manifest.json')
+      if manifest.exists():
+        settings = storage.read_json(manifest)['settings']
+        encode = convert.EncodeOptions(short_side=settings['short_side'], fps=settings['fps'],
+                                       jpeg_quality=settings['jpeg_quality'])
+        source = f'the conversion of {manifest}'
+  return Protocol(clip_length, stride, size, clips or num_clips, crops or num_crops, encode,
+                  f'views: {where}; frames: {source}')
+
+
+def _log(message: str) -> None:
+  print(message, file=sys.stderr, flush=True)
+
+
+def encode_files(files: Sequence[str], protocol: Protocol):
+  """Each file as the converter writes it -> ``(records, failures)``: serialized
+  SequenceExamples of the decodable files (in order, with their indices) and ``{file: error}``."""
+  records, failures = [], {}
+  for i, path in enumerate(files):
+    begin = time.time()
+    item = convert.VideoItem(id=str(i), path=path, filename=os.path.basename(path),
+                             label_index=-1, label_text='')
+    try:
+      record, frames = convert.encode_video(item, protocol.encode)
+    except video_lib.VideoDecodeError as e:
+      failures[path] = str(e)
+      _log(f'skipped {path}: {e}')
+      continue
+    records.append((i, record))
+    _log(f'decoded {path}: {frames} frames ({time.time() - begin:.1f} s)')
+  return records, failures
+
+
+def _source(records: List[bytes], class_names: Sequence[str]):
+  """The records as the eval pipeline's ``VideoSource`` (one process, in order)."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from dtf_jax.data import ops, pipeline  # pylint: disable=import-outside-toplevel
+
+  def read(process_index: int, epoch_seed=None) -> tf.data.Dataset:
+    del process_index, epoch_seed
+    return tf.data.Dataset.from_tensor_slices(records).enumerate().map(
+        lambda i, serialized: dict(ops.parse_sequence_example(serialized), video_index=i))
+  return pipeline.VideoSource('predict', 'files', tuple(class_names), True, (len(records),), read)
+
+
+def predict_records(model, variables, records: List[bytes], class_names: Sequence[str],
+                    protocol: Protocol, batch_size: int = 8, with_features: bool = False):
+  """``(scores N C, view_features N V D or None)``: the mean softmax of each record's views (as
+  ``main.py --mode=eval``) and, with ``with_features``, each view's pooled feature."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from dtf_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+
+  data = pipeline.eval_dataset(
+      _source(records, class_names), batch_size=batch_size, clip_length=protocol.clip_length,
+      stride=protocol.stride, size=protocol.size, num_clips=protocol.num_clips,
+      num_crops=protocol.num_crops, process_index=0)
+
+  @jax.jit
+  def run(variables, video):
+    probs = jax.nn.softmax(model.apply(variables, video, train=False).astype(jnp.float32))
+    return probs, (model.apply(variables, video, features=True) if with_features else None)
+
+  views = data.views_per_video
+  scores = np.zeros((len(records), views, len(class_names)), np.float32)
+  features = None
+  for b, batch in enumerate(data.dataset.as_numpy_iterator()):
+    probs, feats = jax.device_get(run(variables, batch['video']))
+    keep = batch['mask']
+    rows, cols = batch['video_index'][keep], batch['view_index'][keep]
+    scores[rows, cols] = probs[keep]
+    if with_features:
+      if features is None:
+        features = np.zeros((len(records), views, feats.shape[-1]), np.float32)
+      features[rows, cols] = feats[keep]
+    _log(f'views: batch {b + 1}/{data.num_batches}')
+  return scores.mean(1), features
+
+
+def annotate(path: str, out: str, text: str) -> int:
+  """Writes ``path``'s frames with ``text`` drawn at the top to the mp4 ``out``; returns the
+  number of frames. Frames are upscaled (nearest) to a short side >= ``MIN_ANNOTATED_SIDE``."""
+  from PIL import Image, ImageDraw, ImageFont  # pylint: disable=import-outside-toplevel
+  frames, fps = video_lib.decode_video(path, short_side=None)
+  storage.path(out).parent.mkdir(parents=True, exist_ok=True)
+  scale = max(1, math.ceil(MIN_ANNOTATED_SIDE / min(frames.shape[1:3])))
+  frames = frames.repeat(scale, axis=1).repeat(scale, axis=2)
+  h, w = frames.shape[1:3]
+  frames = np.pad(frames, ((0, 0), (0, -h % 4), (0, -w % 2), (0, 0)), mode='edge')
+  font = ImageFont.load_default(size=max(12, min(h, w) // 16))
+  drawn = []
+  for frame in frames:
+    image = Image.fromarray(frame)
+    draw = ImageDraw.Draw(image)
+    box = draw.textbbox((4, 4), text, font=font)
+    draw.rectangle((0, 0, box[2] + 4, box[3] + 4), fill=(0, 0, 0))
+    draw.text((4, 4), text, fill=(255, 255, 255), font=font)
+    drawn.append(np.asarray(image))
+  video_lib.write_mp4(out, np.stack(drawn), fractions.Fraction(fps).limit_denominator(1001))
+  return len(drawn)
+
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(prog='python -m dtf_jax.tools.predict',
+                                   description=__doc__.split('\n')[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   epilog=__doc__.split('\n', 1)[1])
+  parser.add_argument('--checkpoint', required=True,
+                      help='a pretrained directory (convert_torch output) or a trainer workdir.')
+  parser.add_argument('--video', required=True, nargs='+', help='video files (local or URLs).')
+  parser.add_argument('--step', type=int, default=None,
+                      help='checkpoint step of a workdir (default: the latest).')
+  parser.add_argument('--clips', type=int, default=None,
+                      help='clips per video (default: the eval config\'s).')
+  parser.add_argument('--crops', type=int, choices=(1, 3), default=None,
+                      help='crops per clip, 1 (centre) or 3 (default: the eval config\'s).')
+  parser.add_argument('--top', type=int, default=5, help='classes printed per file (default 5).')
+  parser.add_argument('--batch-size', type=int, default=8,
+                      help='views per forward pass (default 8).')
+  parser.add_argument('--json', action='store_true',
+                      help='one JSON line per file on stdout instead of the table.')
+  parser.add_argument('--features', default=None, metavar='OUT.npz',
+                      help='save the pooled pre-classifier feature of each file.')
+  parser.add_argument('--per-view', action='store_true',
+                      help='with --features: also every view\'s feature (view_features N V D).')
+  parser.add_argument('--out', default=None,
+                      help='write the video with the top-1 class drawn on it (an .mp4 for one '
+                           'video, a directory for several).')
+  args = parser.parse_args(argv)
+  if args.top < 1 or args.batch_size < 1 or (args.clips is not None and args.clips < 1):
+    parser.error('--top, --batch-size and --clips must be >= 1')
+  if args.per_view and not args.features:
+    parser.error('--per-view needs --features')
+  if args.out and len(args.video) == 1 and not args.out.endswith('.mp4'):
+    parser.error('--out: give an .mp4 file for one video (a directory for several)')
+  return args
+
+
+def _annotated_paths(out: str, files: Sequence[str]) -> Dict[str, str]:
+  """Where the annotated copy of each file goes: ``out`` itself for one file, else
+  ``out/STEM.mp4`` (``STEM_K.mp4`` for the K-th file when a stem repeats)."""
+  if len(files) == 1:
+    return {files[0]: out}
+  paths, used = {}, set()
+  for k, file in enumerate(files):
+    stem = os.path.splitext(os.path.basename(file))[0]
+    name = f'{stem}.mp4' if stem not in used else f'{stem}_{k}.mp4'
+    used.add(stem)
+    paths[file] = str(storage.path(out) / name)
+  return paths
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  hide_accelerators_from_tf()  # before TensorFlow (the converter, the pipeline) makes devices
+  meta = pretrained.read_meta(args.checkpoint)
+  protocol = eval_protocol(args.checkpoint, meta, args.clips, args.crops)
+  overrides = {}
+  argument = model_spec(meta['model']).size_argument
+  if argument and meta['kwargs'].get(argument) != protocol.size:
+    overrides[argument] = protocol.size  # Swin is built for one frame size: the eval size
+  model, variables = pretrained.load_pretrained(args.checkpoint, step=args.step, **overrides)
+  num_classes = meta['kwargs']['num_classes']
+  class_names = meta['class_names'] or [f'class_{i}' for i in range(num_classes)]
+  _log(f'{meta["model"]} from {args.checkpoint}: {protocol.num_clips} clips x '
+       f'{protocol.num_crops} crops of {protocol.clip_length} frames (stride {protocol.stride}) '
+       f'at {protocol.size}; {protocol.source}')
+
+  records, failures = encode_files(args.video, protocol)
+  scores = features = None
+  if records:
+    scores, features = predict_records(model, variables, [r for _, r in records], class_names,
+                                       protocol, args.batch_size, bool(args.features))
+  ok_files = [args.video[i] for i, _ in records]
+  top = min(args.top, num_classes)
+  annotated = _annotated_paths(args.out, args.video) if args.out else {}
+  for file in args.video:
+    if file in failures:
+      line = {'file': file, 'error': failures[file]}
+      print(json.dumps(line) if args.json else f'{file}\n  skipped: {failures[file]}', flush=True)
+      continue
+    row = scores[ok_files.index(file)]
+    order = np.argsort(-row, kind='stable')[:top]
+    if args.json:
+      print(json.dumps({'file': file, 'views': protocol.num_clips * protocol.num_crops,
+                        'top': [{'class': class_names[k], 'index': int(k),
+                                 'score': round(float(row[k]), 6)} for k in order]}), flush=True)
+    else:
+      print(file + ''.join(f'\n  {r + 1}. {class_names[k]:<30} {row[k]:.4f}'
+                           for r, k in enumerate(order)), flush=True)
+    if args.out:
+      out = annotated[file]
+      count = annotate(file, out, f'{class_names[order[0]]}: {row[order[0]]:.2f}')
+      _log(f'wrote {out} ({count} frames)')
+  if args.features and records:
+    arrays = {'files': np.array(ok_files), 'features': features.mean(1), 'scores': scores,
+              'class_names': np.array(class_names)}
+    if args.per_view:
+      arrays['view_features'] = features
+    with storage.atomic_write(storage.path(args.features)) as tmp, tmp.open('wb') as f:
+      np.savez(f, **arrays)
+    _log(f'wrote {args.features}: features {arrays["features"].shape}')
+  if failures:
+    _log(f'{len(failures)} of {len(args.video)} files could not be decoded')
+  return 1 if failures else 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
