@@ -116,6 +116,14 @@ def _checkpoint_steps(workdir: epath.Path) -> Tuple[epath.Path, List[int]]:
     return checkpoints, sorted(manager.all_steps())
 
 
+def checkpoint_steps(workdir: str) -> List[int]:
+  """The finished checkpoint steps of a trainer workdir, ascending (empty if none)."""
+  path = storage.path(workdir)
+  if not (path / CHECKPOINT_DIR).is_dir():
+    return []
+  return _checkpoint_steps(path)[1]
+
+
 def read_meta(path: str) -> Dict[str, Any]:
   """``{'model', 'kwargs', 'class_names', 'source'}`` of a pretrained directory or a workdir."""
   path = storage.path(path)

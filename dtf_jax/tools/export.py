@@ -90,15 +90,18 @@ def main(argv=None):
     sys.exit(f'--out {out} holds {export.META_FILE} (an export?); pass --overwrite to replace it')
 
   start = time.time()
-  where = f', step {"latest" if args.step is None else args.step}' if workdir else ''
+  step = args.step
+  if workdir and step is None:  # the latest, recorded by number
+    step = (pretrained.checkpoint_steps(checkpoint) or [None])[-1]
+  where = f', step {step}' if workdir else ''
   print(f'Loading {checkpoint} ({meta["model"]}{where})')
   try:
-    model, variables = pretrained.load_pretrained(checkpoint, step=args.step)
+    model, variables = pretrained.load_pretrained(checkpoint, step=step)
   except (FileNotFoundError, ValueError) as e:
     sys.exit(str(e))
   print(f'Exporting for {", ".join(args.platforms)}: input B x {model.clip_length} x {size} x '
         f'{size} x 3 float32 (any B), {model.num_classes} classes')
-  source = {'checkpoint': str(checkpoint), 'step': args.step, 'checkpoint_source': meta['source']}
+  source = {'checkpoint': str(checkpoint), 'step': step, 'checkpoint_source': meta['source']}
   try:
     path = export.export_model(model, variables, out, size=size, model_name=meta['model'],
                                class_names=meta['class_names'], source=source,
