@@ -2,7 +2,7 @@
 
 Read from the source with ``ast`` (imports inside functions included), so nothing is imported here.
 Layers, low to high: storage and multihost; layers; models; the users of models (flops, convert,
-pretrained, data, metrics); train; tools.
+pretrained, export, data, metrics); train; tools.
 """
 
 import ast
@@ -15,7 +15,8 @@ LAYERS = (
     ('dtf_jax', 'dtf_jax.storage', 'dtf_jax.multihost'),
     ('dtf_jax.layers',),
     ('dtf_jax.models',),
-    ('dtf_jax.flops', 'dtf_jax.convert', 'dtf_jax.pretrained', 'dtf_jax.data', 'dtf_jax.metrics'),
+    ('dtf_jax.flops', 'dtf_jax.convert', 'dtf_jax.pretrained', 'dtf_jax.export', 'dtf_jax.data',
+     'dtf_jax.metrics'),
     ('dtf_jax.train',),
     ('dtf_jax.tools',),
 )
