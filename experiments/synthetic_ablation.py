@@ -1,6 +1,6 @@
 """The paper's ablations (Table 1a-c, Fig. 6) at CPU scale, on the built-in synthetic tasks.
 
-    python experiments/synthetic_ablation.py --quick          # 2 CPU cores, 18.6 min measured
+    python experiments/synthetic_ablation.py --quick          # 2 CPU cores, 12.6 min measured
     python experiments/synthetic_ablation.py                  # full: more data, steps, seeds
     python experiments/synthetic_ablation.py --quick --smoke  # the whole path in seconds (tests)
     python experiments/synthetic_ablation.py --budget         # learning curves: what a budget buys
