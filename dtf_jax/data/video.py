@@ -246,7 +246,7 @@ def write_mp4(path: str, frames: np.ndarray, fps=12, codec: Optional[str] = None
       stream.options = {'crf': str(H264_CRF), 'preset': 'veryfast', 'threads': '1',
                         'x264-params': 'asm=0'}
     else:
-      stream.bit_rate = 4 * stream.width * stream.height * fps  # ~4 bits per pixel
+      stream.bit_rate = int(4 * stream.width * stream.height * fps)  # ~4 bits per pixel
       stream.options = {'threads': '1'}
     for frame in frames:
       yuv = av.VideoFrame.from_ndarray(rgb_to_yuv420p(frame), format='yuv420p')
