@@ -47,15 +47,6 @@ KNOWN_PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')  # jax.export's platform names
 PORTABLE_FA_IMPLS = ('scan', 'xla')  # frame-wise aggregation implementations that lower anywhere
 
 
-def _json_value(value: Any) -> Any:
-  """A model attribute as JSON: tuples as lists, dtypes (and dtype classes) by name."""
-  if isinstance(value, (tuple, list)):
-    return [_json_value(v) for v in value]
-  if value is None or isinstance(value, (bool, int, float, str)):
-    return value
-  return str(jnp.dtype(value))
-
-
 def _portable(model):
   """``model`` with a frame-wise aggregation that lowers for every platform (module docstring)."""
   impl = getattr(model, 'fa_impl', None)
@@ -113,6 +104,7 @@ def export_model(model, variables: Mapping[str, Any], directory: str, *,
   from flax import traverse_util  # pylint: disable=import-outside-toplevel
   from dtf_jax.data import ops  # pylint: disable=import-outside-toplevel
   from dtf_jax.models import model_fields  # pylint: disable=import-outside-toplevel
+  from dtf_jax.pretrained import json_value  # pylint: disable=import-outside-toplevel
 
   directory = storage.path(directory)
   platforms = tuple(platforms)
@@ -162,7 +154,7 @@ def export_model(model, variables: Mapping[str, Any], directory: str, *,
                  'meaning': 'logits (softmax for class probabilities)'},
       'class_names': list(class_names) if class_names is not None else None,
       'model': model_name, 'model_class': type(model).__name__,
-      'kwargs': {f: _json_value(getattr(model, f)) for f in model_fields(type(model))},
+      'kwargs': {f: json_value(getattr(model, f)) for f in model_fields(type(model))},
       'source': source,
       'platforms': list(exported.platforms), 'jax_version': jax.__version__,
       'calling_convention_version': exported.calling_convention_version,

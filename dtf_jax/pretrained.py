@@ -37,12 +37,14 @@ CHECKPOINT_DIR = 'checkpoints'   # the trainer's orbax CheckpointManager directo
 STATE_ITEM = 'state'             # its item holding the TrainState
 
 
-def _json_ready(value):
-  if isinstance(value, tuple):
-    return list(value)
-  if not isinstance(value, (int, float, str, bool, list, type(None))):
-    return str(jnp.dtype(value))  # dtypes
-  return value
+def json_value(value: Any) -> Any:
+  """A model argument as JSON: tuples and lists as lists (recursively), dtypes (and dtype
+  classes) by name."""
+  if isinstance(value, (tuple, list)):
+    return [json_value(v) for v in value]
+  if value is None or isinstance(value, (bool, int, float, str)):
+    return value
+  return str(jnp.dtype(value))
 
 
 def config_model_kwargs(config: Mapping[str, Any]) -> Tuple[str, Dict[str, Any]]:
@@ -85,7 +87,7 @@ def save_pretrained(directory: str, model_name: str, model_kwargs: Dict[str, Any
   _remove_leftovers(directory, keep=current)
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(directory / name, variables)
-  meta = {'model': model_name, 'kwargs': {k: _json_ready(v) for k, v in model_kwargs.items()},
+  meta = {'model': model_name, 'kwargs': {k: json_value(v) for k, v in model_kwargs.items()},
           'class_names': list(class_names) if class_names is not None else None,
           'source': source, 'variables': name}
   storage.write_json(directory / META_FILE, meta, sort_keys=True)  # the switch to the new copy
