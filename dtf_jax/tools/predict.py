@@ -30,6 +30,7 @@ A file that cannot be decoded is reported and skipped; the exit code is 1 if any
 import argparse
 import dataclasses
 import fractions
+import io
 import json
 import math
 import os
@@ -96,8 +97,8 @@ def _log(message: str) -> None:
 
 
 def encode_files(files: Sequence[str], protocol: Protocol):
-  """Each file as the converter writes it -> ``(records, failures)``: serialized
-  SequenceExamples of the decodable files (in order, with their indices) and ``{file: error}``."""
+  """Each file as the converter writes it -> ``(records, failures)``: ``[(index, serialized
+  SequenceExample)]`` of the decodable files, in order, and ``{index: error}`` of the others."""
   records, failures = [], {}
   for i, path in enumerate(files):
     begin = time.time()
@@ -106,7 +107,7 @@ def encode_files(files: Sequence[str], protocol: Protocol):
     try:
       record, frames = convert.encode_video(item, protocol.encode)
     except video_lib.VideoDecodeError as e:
-      failures[path] = str(e)
+      failures[i] = str(e)
       _log(f'skipped {path}: {e}')
       continue
     records.append((i, record))
@@ -140,7 +141,7 @@ def predict_records(model, variables, records: List[bytes], class_names: Sequenc
       num_crops=protocol.num_crops, process_index=0)
 
   @jax.jit
-  def run(variables, video):
+  def run(variables, video):  # XLA computes the shared backbone once (CSE): same FLOPs as one
     probs = jax.nn.softmax(model.apply(variables, video, train=False).astype(jnp.float32))
     return probs, (model.apply(variables, video, features=True) if with_features else None)
 
@@ -219,17 +220,17 @@ def parse_args(argv=None):
   return args
 
 
-def _annotated_paths(out: str, files: Sequence[str]) -> Dict[str, str]:
+def _annotated_paths(out: str, files: Sequence[str]) -> List[str]:
   """Where the annotated copy of each file goes: ``out`` itself for one file, else
   ``out/STEM.mp4`` (``STEM_K.mp4`` for the K-th file when a stem repeats)."""
   if len(files) == 1:
-    return {files[0]: out}
-  paths, used = {}, set()
+    return [out]
+  paths, used = [], set()
   for k, file in enumerate(files):
     stem = os.path.splitext(os.path.basename(file))[0]
     name = f'{stem}.mp4' if stem not in used else f'{stem}_{k}.mp4'
+    paths.append(str(storage.path(out) / name))
     used.add(stem)
-    paths[file] = str(storage.path(out) / name)
   return paths
 
 
@@ -254,15 +255,15 @@ def main(argv=None) -> int:
   if records:
     scores, features = predict_records(model, variables, [r for _, r in records], class_names,
                                        protocol, args.batch_size, bool(args.features))
-  ok_files = [args.video[i] for i, _ in records]
+  row_of = {i: r for r, (i, _) in enumerate(records)}  # file index -> row of scores
   top = min(args.top, num_classes)
-  annotated = _annotated_paths(args.out, args.video) if args.out else {}
-  for file in args.video:
-    if file in failures:
-      line = {'file': file, 'error': failures[file]}
-      print(json.dumps(line) if args.json else f'{file}\n  skipped: {failures[file]}', flush=True)
+  annotated = _annotated_paths(args.out, args.video) if args.out else []
+  for i, file in enumerate(args.video):
+    if i in failures:
+      line = {'file': file, 'error': failures[i]}
+      print(json.dumps(line) if args.json else f'{file}\n  skipped: {failures[i]}', flush=True)
       continue
-    row = scores[ok_files.index(file)]
+    row = scores[row_of[i]]
     order = np.argsort(-row, kind='stable')[:top]
     if args.json:
       print(json.dumps({'file': file, 'views': protocol.num_clips * protocol.num_crops,
@@ -272,16 +273,17 @@ def main(argv=None) -> int:
       print(file + ''.join(f'\n  {r + 1}. {class_names[k]:<30} {row[k]:.4f}'
                            for r, k in enumerate(order)), flush=True)
     if args.out:
-      out = annotated[file]
+      out = annotated[i]
       count = annotate(file, out, f'{class_names[order[0]]}: {row[order[0]]:.2f}')
       _log(f'wrote {out} ({count} frames)')
   if args.features and records:
-    arrays = {'files': np.array(ok_files), 'features': features.mean(1), 'scores': scores,
-              'class_names': np.array(class_names)}
+    arrays = {'files': np.array([args.video[i] for i, _ in records]),
+              'features': features.mean(1), 'scores': scores, 'class_names': np.array(class_names)}
     if args.per_view:
       arrays['view_features'] = features
-    with storage.atomic_write(storage.path(args.features)) as tmp, tmp.open('wb') as f:
-      np.savez(f, **arrays)
+    archive = io.BytesIO()  # np.savez seeks back; a bucket's upload stream cannot
+    np.savez(archive, **arrays)
+    storage.write_bytes(args.features, archive.getvalue())
     _log(f'wrote {args.features}: features {arrays["features"].shape}')
   if failures:
     _log(f'{len(failures)} of {len(args.video)} files could not be decoded')
