@@ -25,7 +25,7 @@ def _neighbour(frame: np.ndarray, di: int, dj: int) -> np.ndarray:
 
 def dtf_block_numpy(x, filter_weight, complex_weight, alpha, bias, running_mean=None,
                     running_var=None, train=False, K=3, G=16, eps=1e-5, momentum=0.1,
-                    weights_cor=None):
+                    weights_cor=None, return_filter=False):
     """DTF block forward in float64.
 
     Args:
@@ -38,9 +38,11 @@ def dtf_block_numpy(x, filter_weight, complex_weight, alpha, bias, running_mean=
             PyTorch-style (``momentum``, unbiased variance for ``running_var``).
         weights_cor: optional ``[C, T, K, K]`` correlation weights (default ``1/C``).
 
+        return_filter: also return the estimated filter ``B C t H W`` (complex), last.
+
     Returns:
         ``out`` (``B C T H W``) in eval mode; ``(out, new_running_mean, new_running_var)`` in
-        train mode.
+        train mode; with ``return_filter`` the filter follows.
     """
     x = np.asarray(x, dtype=np.float64)
     B, C, T, H, W = x.shape
@@ -117,6 +119,7 @@ def dtf_block_numpy(x, filter_weight, complex_weight, alpha, bias, running_mean=
     # 7-8. back to time and residual
     out = np.fft.irfft(S3 * alpha.reshape(1, C, 1, 1, 1), n=T, axis=2, norm="ortho")
     out = x + out + bias.reshape(1, C, 1, 1, 1)
+    extra = (filt,) if return_filter else ()
     if train:
-        return out, new_rm, new_rv
-    return out
+        return (out, new_rm, new_rv) + extra
+    return (out,) + extra if return_filter else out

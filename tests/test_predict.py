@@ -1,6 +1,7 @@
 """``python -m dtf_jax.tools.predict``: a trained workdir's predictions on video files equal
 ``--mode=eval`` on the same videos converted; features, real files in several containers, a
-corrupt file, the annotated video, a pretrained directory.
+corrupt file, the annotated video, a pretrained directory. ``tools.visualize``: the plotted
+filters, kernels and Grad-CAM against a direct computation.
 
 One tiny DTF ResNet (one bottleneck per stage, width 8, 4-frame 32x32 clips) trained for two
 steps on a small synthetic dataset, evaluated with 2 clips x 3 crops, serves every test.
@@ -11,6 +12,7 @@ import os
 import sys
 
 import numpy as np
+import PIL.Image
 import pytest
 
 av = pytest.importorskip('av')
@@ -21,7 +23,8 @@ sys.path.insert(0, REPO)
 from configs import quickstart  # noqa: E402
 from dtf_jax import pretrained  # noqa: E402
 from dtf_jax.data import synthetic  # noqa: E402
-from dtf_jax.tools import predict  # noqa: E402
+from dtf_jax.tools import predict, visualize  # noqa: E402
+from numpy_reference import dtf_block_numpy  # noqa: E402
 from test_data_convert import _sample_dir  # noqa: E402
 
 NUM_VAL = 4
@@ -145,3 +148,155 @@ def test_pretrained_directory_and_usage_errors(trained, tmp_path, capsys):
     predict.parse_args(['--checkpoint', saved, '--video', file, '--out', str(tmp_path)])
   with pytest.raises(FileNotFoundError, match='neither a dtf_jax pretrained directory'):
     predict.main(['--checkpoint', str(tmp_path / 'nothing'), '--video', file])
+
+
+# ---------------------------------------------------------------------------
+# tools.visualize: the plotted numbers against a direct computation
+# ---------------------------------------------------------------------------
+
+
+def _visualize(workdir, file, out, *flags):
+  assert visualize.main(['--checkpoint', str(workdir), '--video', file, '--out', str(out),
+                         *flags]) == 0
+  with np.load(out / 'values.npz') as f:
+    return {k: f[k] for k in f.files}
+
+
+def _view_and_intermediates(workdir, file):
+  """The view visualize shows (clip 1 of 2, centre crop), the model's logits on it and every
+  module's output (``capture_intermediates``)."""
+  model, variables = pretrained.load_pretrained(str(workdir))
+  meta = pretrained.read_meta(str(workdir))
+  protocol = predict.eval_protocol(str(workdir), meta, crops=1)
+  view = visualize.load_view(file, protocol, meta['class_names'], protocol.num_clips // 2)
+  logits, state = model.apply(variables, view, train=False, capture_intermediates=True,
+                              mutable=['intermediates'])
+  return model, variables, view, np.asarray(logits[0], np.float64), state['intermediates']
+
+
+def _kernel_by_definition(filt, steps):
+  """``F C`` one-sided spectrum -> ``T' C`` kernel, summing the full Hermitian spectrum:
+  ``k[n] = 1/T' sum_{f=0}^{T'-1} F_f exp(2 pi i f n / T')`` with ``F_{T'-f} = conj(F_f)`` (the
+  imaginary parts of the bins that are their own mirror ignored, as the block's irfft does)."""
+  full = np.zeros((steps,) + filt.shape[1:], np.complex128)
+  for f in range(steps):
+    full[f] = filt[f] if f < filt.shape[0] else np.conj(filt[steps - f])
+    if f == 0 or 2 * f == steps:
+      full[f] = full[f].real
+  n = np.arange(steps)
+  return np.real(np.exp(2j * np.pi * np.outer(n, n) / steps) @ full.reshape(steps, -1)).reshape(
+      (steps,) + filt.shape[1:]) / steps
+
+
+def test_visualize_filters_and_last_stage_gradcam_equal_a_direct_computation(trained, tmp_path):
+  root, workdir, _, _ = trained
+  file = str(root / 'videos' / 'validation' / '000002.mp4')
+  out = tmp_path / 'vis'
+  got = _visualize(workdir, file, out, '--stage', '4')
+  for name in ('gradcam.png', 'filters.png'):
+    with PIL.Image.open(out / name) as image:
+      assert image.format == 'PNG' and min(image.size) > 200
+  assert 'filters.png' in (out / 'index.html').read_text()
+
+  model, variables, view, logits, inter = _view_and_intermediates(workdir, file)
+  np.testing.assert_allclose(got['logits'], logits, atol=1e-5)
+  target = int(np.argmax(logits))
+  assert got['target'] == target and got['stage'] == 4
+  # The last stage's output A feeds mean pooling and the linear head, so d logit / d A is
+  # W[:, target] / (T' h w) everywhere and the Grad-CAM is A @ W[:, target] / (T' h w).
+  act = np.asarray(inter['stage4_block0']['__call__'][0][0], np.float64)  # T' h w D
+  head = np.asarray(variables['params']['head']['kernel'], np.float64)[:, target]
+  np.testing.assert_allclose(got['cam'], act @ head / np.prod(act.shape[:3]), rtol=1e-5,
+                             atol=1e-7)
+
+  # The filters: the NumPy reference of the DTF block estimates each from the block's input
+  # (the output of conv2) and the parameters, in float64.
+  steps = view.shape[1]  # early_stride 1
+  for stage in range(1, 5):
+    x = np.asarray(inter[f'stage{stage}_block0']['conv2']['__call__'][0], np.float64)
+    p = variables['params'][f'stage{stage}_block0']['temporal']
+    s = variables['batch_stats'][f'stage{stage}_block0']['temporal']['spectrum_norm']
+    kernel = np.asarray(p['filter_kernel'], np.float64)
+    _, filt = dtf_block_numpy(
+        x.transpose(0, 4, 1, 2, 3), kernel.transpose(2, 1, 0).reshape(kernel.shape[-1], -1),
+        np.asarray(p['mix_kernel']).transpose(2, 1, 0), p['alpha'], p['bias'], s['mean'],
+        s['var'], return_filter=True)  # filt: 1 C F H W
+    height, width = x.shape[2:4]
+    # The one Grad-CAM cell (1x1 map) is the whole image: its centre's cell in this stage.
+    y, x_ = height // 2, width // 2
+    want = filt[0, :, :, y, x_].T  # F C
+    for where in ('largest', 'smallest'):
+      prefix = f'stage{stage}_{where}_'
+      assert tuple(got[prefix + 'cell']) == (y, x_)
+      np.testing.assert_allclose(got[prefix + 'filter'], want, atol=2e-5, rtol=1e-4)
+      magnitude = np.abs(want)
+      np.testing.assert_allclose(got[prefix + 'magnitude'][0], magnitude.mean(1), atol=2e-5)
+      np.testing.assert_allclose(got[prefix + 'magnitude'][1:],
+                                 np.percentile(magnitude, (25, 75), axis=1), atol=2e-5)
+      lagged = np.roll(_kernel_by_definition(want, steps), steps // 2, axis=0)
+      np.testing.assert_allclose(got[f'stage{stage}_lags'], np.arange(steps) - steps // 2)
+      np.testing.assert_allclose(got[prefix + 'kernel'][0], lagged.mean(1), atol=2e-5)
+    assert np.abs(want).max() > 1e-3  # a real filter, not zeros
+
+  # The kernel is what the block's modulation does: irfft(rfft(x) * F) is the circular
+  # convolution of x with it, in the block's own transforms.
+  from dtf_jax.layers.spectral import irfft_time, rfft_time
+  filt = got['stage2_largest_filter']  # F C
+  signal = np.random.default_rng(0).normal(size=(1, steps, filt.shape[1]))
+  s_re, s_im = rfft_time(signal)
+  f_re, f_im = filt.real[None], filt.imag[None]
+  modulated = np.asarray(irfft_time(s_re * f_re - s_im * f_im, s_re * f_im + s_im * f_re,
+                                    steps))[0]
+  k = _kernel_by_definition(filt, steps)
+  convolved = np.stack([sum(k[n] * signal[0, (t - n) % steps] for n in range(steps))
+                        for t in range(steps)])
+  np.testing.assert_allclose(modulated, convolved, atol=1e-4)
+
+
+def test_visualize_default_stage_gradcam_and_locations(trained, tmp_path, capsys):
+  import jax  # pylint: disable=import-outside-toplevel
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  root, workdir, _, _ = trained
+  file = str(root / 'videos' / 'validation' / '000003.mp4')
+  got = _visualize(workdir, file, tmp_path / 'vis')
+  printed = capsys.readouterr().out
+  assert got['stage'] == 2  # maps 8, 4, 2, 1 wide: the deepest of at least 4x4
+  model, variables, view, logits, inter = _view_and_intermediates(workdir, file)
+  act = np.asarray(inter['stage2_block0']['__call__'][0][0], np.float64)  # T' 4 4 D
+  np.testing.assert_allclose(got['cam'], act @ got['weights'], rtol=1e-5, atol=1e-6)
+  # The weights are the mean over (t, y, x) of d logit / d A, here by differentiating a
+  # function of stage 2's output (the model with that output replaced by the argument).
+  target = int(got['target'])
+
+  def logit_of(stage2_output):
+    def replace(next_fun, args, kwargs, context):
+      out = next_fun(*args, **kwargs)
+      return stage2_output if context.module.path == ('stage2_block0',) else out
+    with nn.intercept_methods(replace):
+      return model.apply(variables, view, train=False)[0, target]
+
+  gradient = np.asarray(jax.grad(logit_of)(jax.numpy.asarray(act[None], jax.numpy.float32)))
+  np.testing.assert_allclose(got['weights'], gradient[0].mean((0, 1, 2)), rtol=1e-4, atol=1e-7)
+  mean = got['cam'].mean(0)
+  assert tuple(got['location_largest']) == np.unravel_index(mean.argmax(), mean.shape)
+  assert tuple(got['location_smallest']) == np.unravel_index(mean.argmin(), mean.shape)
+  assert mean.max() > mean.min()
+  # A 4x4 cell at stage 2 contains the centre of the same-numbered 2x2 block at stage 1 (8x8).
+  cell = tuple(int(c) for c in got['location_largest'])
+  assert tuple(got['stage1_largest_cell']) == (2 * cell[0] + 1, 2 * cell[1] + 1)
+  assert tuple(got['stage3_largest_cell']) == (cell[0] // 2, cell[1] // 2)
+  assert f'largest at (y, x) = {cell}' in printed
+
+
+def test_visualize_usage_errors(trained, tmp_path):
+  root, workdir, _, _ = trained
+  file = str(root / 'videos' / 'validation' / '000000.mp4')
+  base = ['--checkpoint', str(workdir), '--video', file, '--out', str(tmp_path / 'v')]
+  for flags in (['--stage', '5'], ['--class', 'no_such_class'], ['--clip', '2'],
+                ['--block', '1']):
+    with pytest.raises(SystemExit):
+      visualize.main(base + flags)
+  corrupt = tmp_path / 'corrupt.mp4'
+  corrupt.write_bytes(b'\0' * 1000)
+  assert visualize.main(['--checkpoint', str(workdir), '--video', str(corrupt), '--out',
+                         str(tmp_path / 'c')]) == 1

@@ -34,6 +34,9 @@ from dtf_jax.layers.spectral import irfft_time, rfft_time
 
 # The complex channel mixing runs as a real matmul under this scope (counted as 'dtf_mixing').
 MIXING_SCOPE = 'complex_mixing'
+# With the 'intermediates' collection mutable, the block sows its filter ``B F H W C 2`` (real,
+# imag; the static filter broadcast over batch and space) under this name.
+FILTER_NAME = 'frequency_filter'
 
 
 def expand_filter(g, channels: int, num_bins: int, group_factor: int):
@@ -143,6 +146,10 @@ class DTFBlock(nn.Module):
     else:
       filt = self.param('static_filter', all_pass_filter, (bins, channels, 2), jnp.float32)
       f_re, f_im = filt[:, None, None, :, 0], filt[:, None, None, :, 1]  # F 1 1 C
+    if self.is_mutable_collection('intermediates'):  # tools.visualize; free otherwise
+      shape = s_re.shape
+      self.sow('intermediates', FILTER_NAME,
+               jnp.stack([jnp.broadcast_to(f_re, shape), jnp.broadcast_to(f_im, shape)], -1))
 
     # 4. Complex modulation (real arithmetic), complex channel mixing (weight [real|imag, C_in,
     # C_out]), batch norm of the spectrum with real and imaginary parts pooled.

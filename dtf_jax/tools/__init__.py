@@ -1,1 +1,2 @@
-"""Command-line tools: model_info, benchmark_model, convert_torch."""
+"""Command-line tools (python -m dtf_jax.tools.NAME): convert_torch, model_info, benchmark_model,
+benchmark_input, predict, visualize, export."""

@@ -92,6 +92,24 @@ def eval_protocol(checkpoint: str, meta: Dict[str, Any], clips: Optional[int] = 
                   f'views: {where}; frames: {source}')
 
 
+def load_model(checkpoint: str, step: Optional[int] = None, clips: Optional[int] = None,
+               crops: Optional[int] = None, **overrides: Any):
+  """``(model, variables, class_names, protocol)`` of ``checkpoint`` (see :func:`eval_protocol`;
+  ``overrides`` as in ``pretrained.load_pretrained``), built for the protocol's frame size."""
+  meta = pretrained.read_meta(checkpoint)
+  protocol = eval_protocol(checkpoint, meta, clips, crops)
+  argument = model_spec(meta['model']).size_argument
+  if argument and meta['kwargs'].get(argument) != protocol.size:
+    overrides[argument] = protocol.size  # Swin is built for one frame size: the eval size
+  model, variables = pretrained.load_pretrained(checkpoint, step=step, **overrides)
+  num_classes = meta['kwargs']['num_classes']
+  class_names = meta['class_names'] or [f'class_{i}' for i in range(num_classes)]
+  _log(f'{meta["model"]} from {checkpoint}: {protocol.num_clips} clips x '
+       f'{protocol.num_crops} crops of {protocol.clip_length} frames (stride {protocol.stride}) '
+       f'at {protocol.size}; {protocol.source}')
+  return model, variables, list(class_names), protocol
+
+
 def _log(message: str) -> None:
   print(message, file=sys.stderr, flush=True)
 
@@ -115,7 +133,7 @@ def encode_files(files: Sequence[str], protocol: Protocol):
   return records, failures
 
 
-def _source(records: List[bytes], class_names: Sequence[str]):
+def records_source(records: List[bytes], class_names: Sequence[str]):
   """The records as the eval pipeline's ``VideoSource`` (one process, in order)."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   from dtf_jax.data import ops, pipeline  # pylint: disable=import-outside-toplevel
@@ -136,7 +154,8 @@ def predict_records(model, variables, records: List[bytes], class_names: Sequenc
   from dtf_jax.data import pipeline  # pylint: disable=import-outside-toplevel
 
   data = pipeline.eval_dataset(
-      _source(records, class_names), batch_size=batch_size, clip_length=protocol.clip_length,
+      records_source(records, class_names), batch_size=batch_size,
+      clip_length=protocol.clip_length,
       stride=protocol.stride, size=protocol.size, num_clips=protocol.num_clips,
       num_crops=protocol.num_crops, process_index=0)
 
@@ -237,18 +256,9 @@ def _annotated_paths(out: str, files: Sequence[str]) -> List[str]:
 def main(argv=None) -> int:
   args = parse_args(argv)
   hide_accelerators_from_tf()  # before TensorFlow (the converter, the pipeline) makes devices
-  meta = pretrained.read_meta(args.checkpoint)
-  protocol = eval_protocol(args.checkpoint, meta, args.clips, args.crops)
-  overrides = {}
-  argument = model_spec(meta['model']).size_argument
-  if argument and meta['kwargs'].get(argument) != protocol.size:
-    overrides[argument] = protocol.size  # Swin is built for one frame size: the eval size
-  model, variables = pretrained.load_pretrained(args.checkpoint, step=args.step, **overrides)
-  num_classes = meta['kwargs']['num_classes']
-  class_names = meta['class_names'] or [f'class_{i}' for i in range(num_classes)]
-  _log(f'{meta["model"]} from {args.checkpoint}: {protocol.num_clips} clips x '
-       f'{protocol.num_crops} crops of {protocol.clip_length} frames (stride {protocol.stride}) '
-       f'at {protocol.size}; {protocol.source}')
+  model, variables, class_names, protocol = load_model(args.checkpoint, args.step, args.clips,
+                                                       args.crops)
+  num_classes = len(class_names)
 
   records, failures = encode_files(args.video, protocol)
   scores = features = None
