@@ -116,7 +116,7 @@ def analyse(model, variables, video, stage: int, target: Optional[int] = None) -
       context, captured = _intercepting((block,), {block: delta})
       with context:
         logits, state = model.apply(variables, video, train=False, mutable=['intermediates'])
-      return logits[0].astype(jnp.float32), (captured[block], state['intermediates'])
+      return logits[0].astype(jnp.float32), (captured[block], state.get('intermediates', {}))
     logits, backward, (activation, intermediates) = jax.vjp(
         forward, jnp.zeros(shape, jnp.float32), has_aux=True)
     target = jnp.where(target >= 0, target, jnp.argmax(logits))
