@@ -15,6 +15,8 @@ setuptools.setup(
         'optax==0.2.8',
         'orbax-checkpoint==0.12.8',
         'numpy==2.4.6',
+        # Tensor reshapes and transposes as named patterns (rearrange, reduce, repeat).
+        'einops==0.8.2',
         # Data: tf.data/TFRecords on the CPU only, PyAV to decode videos in the converter.
         'tensorflow-cpu==2.21.0',
         'av==18.1.0',
