@@ -13,11 +13,12 @@ float32, same initialiser draw), so checkpoints, converters and FLOP counts are 
 
 from typing import Any, Callable, Sequence, Tuple
 
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dtf_jax.layers.shapes import reshape_keep_batch
+from dtf_jax.layers.shapes import rearrange_keep_batch
 
 
 class FrameConv(nn.Module):
@@ -47,20 +48,19 @@ class FrameConv(nn.Module):
     if self.strides[0] != kt:
       raise ValueError(f'FrameConv: the time stride {self.strides[0]} must equal the time kernel '
                        f'{kt} (frames are folded, not convolved, in time).')
-    b, t, h, w, c = x.shape
+    b, t, _, _, c = x.shape
     if t % kt:
       raise ValueError(f'FrameConv: {t} frames cannot be folded {kt} at a time.')
     kernel = self.param('kernel', self.kernel_init, (kt, kh, kw, c, self.features), jnp.float32)
-    steps = t // kt
-    images = x.astype(self.dtype).reshape(b, steps, kt, h, w, c)
-    if kt > 1:  # the kt frames of a step go next to the channels: channel index = frame * C + c
-      images = jnp.moveaxis(images, 2, 4)
-    images = reshape_keep_batch(images, (b * steps, h, w, kt * c))
-    kernel2d = jnp.moveaxis(kernel, 0, 2).reshape(kh, kw, kt * c, self.features)
+    # The kt frames of a step go next to the channels: channel index = frame * C + c. (One axis
+    # split and two groups merged: JAX needs the output sharding, see rearrange_keep_batch.)
+    images = rearrange_keep_batch(x.astype(self.dtype), 'b (t kt) h w c -> (b t) h w (kt c)',
+                                  kt=kt)
+    kernel2d = einops.rearrange(kernel, 'kt kh kw c o -> kh kw (kt c) o')
     y = jax.lax.conv_general_dilated(
         images, kernel2d.astype(self.dtype), self.strides[1:], tuple(self.padding),
         dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
     if self.use_bias:
       y = y + self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32).astype(
           self.dtype)
-    return reshape_keep_batch(y, (b, steps) + y.shape[1:])
+    return einops.rearrange(y, '(b t) h w c -> b t h w c', b=b)

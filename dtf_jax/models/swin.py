@@ -10,13 +10,14 @@ Output logits ``B num_classes`` (float32).
 
 from typing import Any, Optional, Sequence
 
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from dtf_jax.layers.conv import FrameConv
-from dtf_jax.layers.shapes import reshape_keep_batch
+from dtf_jax.layers.shapes import rearrange_keep_batch
 from dtf_jax.models.common import (DropPath, check_remat, check_video, make_temporal_remat,
                                    remat_class)
 
@@ -52,18 +53,16 @@ def shifted_window_mask(resolution: int, window: int, shift: int) -> np.ndarray:
 
 def window_partition(x, window: int):
   """``N H W C -> N nW w*w C`` (windows row-major). The batch axis is never merged, so a
-  batch-sharded input stays sharded the same way."""
-  n, h, w, c = x.shape
-  x = reshape_keep_batch(x, (n, h // window, window, w // window, window, c))
-  return reshape_keep_batch(x.transpose(0, 1, 3, 2, 4, 5),
-                            (n, (h // window) * (w // window), window * window, c))
+  batch-sharded input stays sharded the same way (two axes split at once: see
+  :func:`rearrange_keep_batch`)."""
+  return rearrange_keep_batch(x, 'n (nh wh) (nw ww) c -> n (nh nw) (wh ww) c', wh=window,
+                              ww=window)
 
 
 def window_reverse(windows, window: int, h: int, w: int):
   """Inverse of :func:`window_partition`: ``N nW w*w C -> N H W C``."""
-  n, _, _, c = windows.shape
-  x = reshape_keep_batch(windows, (n, h // window, w // window, window, window, c))
-  return reshape_keep_batch(x.transpose(0, 1, 3, 2, 4, 5), (n, h, w, c))
+  return rearrange_keep_batch(windows, 'n (nh nw) (wh ww) c -> n (nh wh) (nw ww) c',
+                              nh=h // window, nw=w // window, wh=window)
 
 
 class WindowAttention(nn.Module):
@@ -77,21 +76,22 @@ class WindowAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask: Optional[np.ndarray]):
-    n, nw, length, dim = x.shape
+    length, dim = x.shape[-2:]
     head_dim = dim // self.num_heads
     qkv = nn.Dense(3 * dim, dtype=self.dtype, kernel_init=dense_init, name='qkv')(x)
-    qkv = reshape_keep_batch(qkv, (n, nw, length, 3, self.num_heads, head_dim))
+    # q, k, v sliced where they lie ('-> qkv n w l h d' would add a transpose per block).
+    qkv = einops.rearrange(qkv, 'n w l (qkv h d) -> n w l qkv h d', qkv=3, h=self.num_heads)
     q, k, v = qkv[:, :, :, 0] * head_dim ** -0.5, qkv[:, :, :, 1], qkv[:, :, :, 2]
     logits = jnp.einsum('nwqhd,nwkhd->nwhqk', q, k).astype(jnp.float32)
 
     table = self.param('relative_position_bias_table', dense_init,
                        ((2 * self.window - 1) ** 2, self.num_heads), jnp.float32)
     bias = table[relative_position_index(self.window).reshape(-1)]
-    logits = logits + bias.reshape(length, length, self.num_heads).transpose(2, 0, 1)
+    logits = logits + einops.rearrange(bias, '(q k) h -> h q k', q=length)
     if mask is not None:
       logits = logits + mask[:, None]
     attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = reshape_keep_batch(jnp.einsum('nwhqk,nwkhd->nwqhd', attn, v), (n, nw, length, dim))
+    out = einops.rearrange(jnp.einsum('nwhqk,nwkhd->nwqhd', attn, v), 'n w q h d -> n w q (h d)')
     return nn.Dense(dim, dtype=self.dtype, kernel_init=dense_init, name='proj')(out)
 
 
@@ -113,7 +113,7 @@ class SwinBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    n, h, w, dim = x.shape
+    _, h, w, dim = x.shape
     norm = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name=name)  # noqa: E731
     drop_path = DropPath(self.drop_path_rate)
 
@@ -132,8 +132,8 @@ class SwinBlock(nn.Module):
     temporal = make_temporal_remat(self.temporal, self.remat, dtype=self.dtype, name='temporal',
                                    fa_impl=self.fa_impl)
     if temporal is not None:
-      x = x.reshape(n // self.clip_steps, self.clip_steps, h, w, dim)
-      x = temporal(x, train).reshape(n, h, w, dim)
+      x = einops.rearrange(x, '(b t) h w c -> b t h w c', t=self.clip_steps)
+      x = einops.rearrange(temporal(x, train), 'b t h w c -> (b t) h w c')
 
     y = norm('norm2')(x)
     y = nn.Dense(int(dim * self.mlp_ratio), dtype=self.dtype, kernel_init=dense_init,
@@ -241,7 +241,7 @@ class SwinTransformer(nn.Module):
                   kernel_init=dense_init, dtype=self.dtype, name='patch_embed')(video)
     if self.patch_norm:
       x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name='patch_embed_norm')(x)
-    x = x.reshape((batch * steps,) + x.shape[2:])
+    x = einops.rearrange(x, 'b t h w c -> (b t) h w c')
 
     rates = np.linspace(0.0, self.drop_path_rate, sum(self.depths))
     index = 0
@@ -263,7 +263,7 @@ class SwinTransformer(nn.Module):
     x = nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, name='norm')(x)
     x = jnp.mean(x, axis=(1, 2))
     if features:
-      return jnp.mean(x.reshape(batch, steps, x.shape[-1]), axis=1)
+      return einops.reduce(x, '(b t) c -> b c', 'mean', b=batch)
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     logits = nn.Dense(self.num_classes, dtype=jnp.float32, kernel_init=dense_init, name='head')(x)
-    return jnp.mean(logits.reshape(batch, steps, self.num_classes), axis=1)
+    return einops.reduce(logits, '(b t) k -> b k', 'mean', b=batch)
