@@ -23,6 +23,7 @@ The implementations (``fa_impl``) compute the same values:
 
 import functools
 
+import einops
 import jax
 import jax.numpy as jnp
 
@@ -85,7 +86,7 @@ def neighbour_dots(a, x, kernel_size: int):
       return None, jnp.sum(a * n, axis=-1, dtype=jnp.promote_types(a.dtype, jnp.float32))
 
   _, out = jax.lax.scan(one_neighbour, None, jnp.arange(kernel_size ** 2))
-  return jnp.moveaxis(out, 0, -1)
+  return einops.rearrange(out, 'k b t h w -> b t h w k')
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

@@ -12,6 +12,7 @@ products under ``COUNTED_SCOPE`` inside it (counted as ``temporal_conv`` and
 
 from typing import Any
 
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -80,7 +81,7 @@ class DynamicTemporalConv(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     del train
-    b, time, h, w, channels = x.shape
+    _, time, _, _, channels = x.shape
     if channels % self.group_size:
       raise ValueError(f'DynamicTemporalConv: channels C={channels} must be divisible by the '
                        f'group size {self.group_size}.')
@@ -92,11 +93,11 @@ class DynamicTemporalConv(nn.Module):
           nn.initializers.variance_scaling(2.0, 'fan_out', 'normal', in_axis=(0, 1), out_axis=-1),
           (time, channels, groups * k), jnp.float32)
       taps = jnp.einsum('bthwc,tco->bhwo', x, kernel.astype(self.dtype))
-      taps = taps.reshape(b, 1, h, w, groups, 1, k)
-      padded = pad_time(x, k).reshape(b, time + 2 * (k // 2), h, w, groups, self.group_size)
+      taps = einops.rearrange(taps, 'b h w (g k) -> b 1 h w g 1 k', k=k)
+      padded = einops.rearrange(pad_time(x, k), 'b t h w (g s) -> b t h w g s', g=groups)
       with jax.named_scope(COUNTED_SCOPE):
         y = sum(taps[..., i] * padded[:, i:i + time] for i in range(k))
-    return scaled_residual(self, x, y.reshape(x.shape))
+    return scaled_residual(self, x, einops.rearrange(y, 'b t h w g s -> b t h w (g s)'))
 
 
 class TemporalShift(nn.Module):

@@ -24,6 +24,7 @@ is a fixed circular convolution along time.
 
 from typing import Any
 
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -45,9 +46,8 @@ def expand_filter(g, channels: int, num_bins: int, group_factor: int):
   Each estimator channel is repeated ``G`` times in place (the official ordering), so
   ``filter[b, f, h, w, c, r] = g[b, h, w, (c*2F + 2f + r) // G]``.
   """
-  b, h, w, _ = g.shape
-  full = jnp.repeat(g, group_factor, axis=-1).reshape(b, h, w, channels, num_bins, 2)
-  return jnp.transpose(full, (0, 4, 1, 2, 3, 5))
+  full = einops.repeat(g, 'b h w o -> b h w (o g)', g=group_factor)
+  return einops.rearrange(full, 'b h w (c f r) -> b f h w c r', c=channels, f=num_bins, r=2)
 
 
 def modulate(s_re, s_im, f_re, f_im):
