@@ -1,5 +1,6 @@
 """The jitted train step: loss, gradients (with accumulation), mixup / CutMix, the update."""
 
+import einops
 import jax
 import jax.numpy as jnp
 import optax
@@ -86,9 +87,7 @@ def make_train_step(s: Setup):
     if accum == 1:
       grads, batch_stats, loss, correct = micro_step(state.params, state.batch_stats, batch, rng)
     else:  # Micro-batch i holds examples i, i + accum, ... (each device keeps its rows).
-      micro = jax.tree.map(
-          lambda x: jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1),
-          batch)
+      micro = jax.tree.map(lambda x: einops.rearrange(x, '(b i) ... -> i b ...', i=accum), batch)
 
       def body(carry, xs):
         grads_sum, batch_stats, loss_sum, correct_sum = carry
