@@ -17,6 +17,7 @@ Every function here maps names or numpy arrays; nothing needs PyTorch.
 import re
 from typing import Dict, Mapping, Tuple
 
+import einops
 import numpy as np
 
 SOURCES = ('dtf', 'imagenet_resnet', 'imagenet_swin')
@@ -123,9 +124,9 @@ def resize_relative_position_table(table: np.ndarray, rows: int) -> np.ndarray:
     raise ValueError(f'relative position tables must be square maps, got {table.shape[0]} -> '
                      f'{rows} rows')
   matrix = bicubic_matrix(side_in, side_out)
-  maps = table.T.reshape(-1, side_in, side_in).astype(np.float64)
+  maps = einops.rearrange(table, '(i j) h -> h i j', i=side_in).astype(np.float64)
   resized = np.einsum('oi,hij,pj->hop', matrix, maps, matrix)
-  return resized.reshape(-1, rows).T.astype(np.float32)
+  return einops.rearrange(resized, 'h o p -> (o p) h').astype(np.float32)
 
 
 def window_of_table(rows: int) -> int:

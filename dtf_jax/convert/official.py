@@ -30,6 +30,7 @@ import dataclasses
 import re
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+import einops
 import flax
 import jax
 import jax.numpy as jnp
@@ -155,16 +156,16 @@ def _transform(kind: str, value: np.ndarray, shape) -> np.ndarray:
     return value.reshape(-1)
   if kind == 'conv':  # O I [T] kh kw -> [T] kh kw I O
     value = value if value.ndim == 5 else value[:, :, None]
-    return value.transpose(2, 3, 4, 1, 0)
+    return einops.rearrange(value, 'o i t kh kw -> t kh kw i o')
   if kind == 'dense':
     return value.T
   if kind == 'complex_mix':  # C_out C_in 2 -> 2 C_in C_out
-    return value.transpose(2, 1, 0)
+    return einops.rearrange(value, 'o i r -> r i o')
   if kind == 'filter':  # [O, (C+K2)*T, 1, 1], channel-major then time -> [T, C+K2, O]
     time, in_channels, out = shape
     if value.shape != (out, in_channels * time, 1, 1):
       return value  # reported by the shape check
-    return value.reshape(out, in_channels, time).transpose(2, 1, 0)
+    return einops.rearrange(value, 'o (i t) 1 1 -> t i o', t=time)
   raise KeyError(kind)
 
 

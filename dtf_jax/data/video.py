@@ -23,6 +23,7 @@ import os
 from typing import Iterator, Optional, Sequence, Tuple
 
 import av
+import einops
 import numpy as np
 
 from dtf_jax import storage
@@ -223,7 +224,7 @@ def rgb_to_yuv420p(frame: np.ndarray) -> np.ndarray:
   x = frame.astype(np.float64)
   r, g, b = x[..., 0], x[..., 1], x[..., 2]
   y = 16.0 + (65.481 * r + 128.553 * g + 24.966 * b) / 255.0
-  r, g, b = (c.reshape(h // 2, 2, w // 2, 2).mean((1, 3)) for c in (r, g, b))
+  r, g, b = (einops.reduce(c, '(h 2) (w 2) -> h w', 'mean') for c in (r, g, b))
   u = 128.0 + (-37.797 * r - 74.203 * g + 112.0 * b) / 255.0
   v = 128.0 + (112.0 * r - 93.786 * g - 18.214 * b) / 255.0
   planes = [y, u.reshape(h // 4, w), v.reshape(h // 4, w)]
