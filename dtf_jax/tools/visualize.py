@@ -102,13 +102,15 @@ class Analysis:
   filters: Dict[str, np.ndarray]
 
 
-def analyse(model, variables, video, stage: int, target: Optional[int] = None) -> Analysis:
+def analyse(model, variables, video, stage: int, target: Optional[int] = None,
+            shapes: Optional[List[Tuple[int, ...]]] = None) -> Analysis:
   """Runs ``video 1 T H W 3`` once forward and backward: Grad-CAM at ``stage`` (1-based) for
-  ``target`` (default the top-1 class) and the filters that the DTF blocks sow."""
+  ``target`` (default the top-1 class) and the filters that the DTF blocks sow. ``shapes``:
+  :func:`stage_shapes`, if already known."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   block = stage_blocks(model)[stage - 1][-1]
-  shape = stage_shapes(model, variables, video)[stage - 1]
+  shape = (shapes or stage_shapes(model, variables, video))[stage - 1]
 
   @jax.jit
   def run(variables, video, target):
@@ -383,7 +385,7 @@ def main(argv=None) -> int:
     parser.error(f'--stage {stage}: the model has stages 1..{len(shapes)}')
   _log(f'clip {clip} of {protocol.num_clips}, centre crop; Grad-CAM at stage {stage} '
        f'({shapes[stage - 1][-3]}x{shapes[stage - 1][-2]} locations)')
-  analysis = analyse(model, variables, video, stage, target)
+  analysis = analyse(model, variables, video, stage, target, shapes)
   probs = np.exp(analysis.logits - analysis.logits.max())
   probs /= probs.sum()
   top = int(np.argmax(probs))
