@@ -40,6 +40,7 @@ import numpy as np
 from dtf_jax import storage
 from dtf_jax.data import hide_accelerators_from_tf, ops
 from dtf_jax.layers.dtf import FILTER_NAME
+from dtf_jax.models import model_spec
 from dtf_jax.tools import predict
 
 MIN_CAM_SIDE = 4  # the default Grad-CAM stage is the deepest whose map is at least this wide
@@ -91,15 +92,15 @@ class Analysis:
   """What the pictures show, for one view (``T'`` time steps of the model, float64/complex128).
 
   ``cam``: ``T' h w`` Grad-CAM (not rectified) of ``target`` at the stage; ``activation`` and
-  ``gradient``: ``T' h w D``, the stage output and d logit[target] / d it; ``filters``: per DTF
-  block name (``stage2_block3``), its filter ``F H W C`` (complex).
+  ``gradient``: ``T' h w D``, the stage output and d logit[target] / d it; ``filters``: per stage
+  (1-based) and DTF block name (``stage2_block3``, in order), its filter ``F H W C`` (complex).
   """
   logits: np.ndarray
   target: int
   activation: np.ndarray
   gradient: np.ndarray
   cam: np.ndarray
-  filters: Dict[str, np.ndarray]
+  filters: Dict[int, Dict[str, np.ndarray]]
 
 
 def analyse(model, variables, video, stage: int, target: Optional[int] = None,
@@ -130,11 +131,12 @@ def analyse(model, variables, video, stage: int, target: Optional[int] = None,
   steps_first = lambda x: np.asarray(x, np.float64).reshape((-1,) + x.shape[-3:])  # noqa: E731
   activation, gradient = steps_first(activation), steps_first(gradient)
   filters = {}
-  for name in (b for blocks in stage_blocks(model) for b in blocks):
-    sown = intermediates.get(name, {}).get('temporal', {}).get(FILTER_NAME)
-    if sown is not None:
-      pair = np.asarray(sown[0][0], np.float64)  # F H W C 2 of the one view
-      filters[name] = pair[..., 0] + 1j * pair[..., 1]
+  for number, blocks in enumerate(stage_blocks(model), start=1):
+    for name in blocks:
+      sown = intermediates.get(name, {}).get('temporal', {}).get(FILTER_NAME)
+      if sown is not None:
+        pair = np.asarray(sown[0][0], np.float64)  # F H W C 2 of the one view
+        filters.setdefault(number, {})[name] = pair[..., 0] + 1j * pair[..., 1]
   return Analysis(np.asarray(logits, np.float64), int(target), activation, gradient,
                   gradcam(activation, gradient), filters)
 
@@ -170,24 +172,24 @@ def band(values: np.ndarray) -> np.ndarray:
   return np.stack([values.mean(1), *np.percentile(values, (25, 75), axis=1)])
 
 
-def filter_values(analysis: Analysis, cam_shape: Tuple[int, int], block_index: int = -1):
-  """Per DTF stage (the block ``block_index`` of its DTF blocks) and location: the filter at
-  the location, ``magnitude`` and ``kernel`` bands (see :func:`band`) and the lags.
+def filter_values(analysis: Analysis, locations: Dict[str, Tuple[int, int]],
+                  block_index: int = -1):
+  """Per DTF stage (the block ``block_index`` of its DTF blocks) and location (cells of the
+  Grad-CAM map, :func:`extreme_locations`): the filter at the location, ``magnitude`` and
+  ``kernel`` bands (see :func:`band`) and the lags.
 
   Returns ``[(stage, block, {location: {'cell', 'filter F C', 'magnitude 3 F', 'kernel 3 T''}},
   lags)]``, by stage.
   """
-  by_stage: Dict[int, List[str]] = {}
-  for name in analysis.filters:
-    by_stage.setdefault(int(name[len('stage'):name.index('_')]), []).append(name)
-  locations = extreme_locations(analysis.cam)
+  cam_shape = analysis.cam.shape[1:]
   out = []
-  for stage, names in sorted(by_stage.items()):
+  for stage, blocks in sorted(analysis.filters.items()):
+    names = list(blocks)
     if not -len(names) <= block_index < len(names):
       raise ValueError(f'--block {block_index}: stage {stage} has {len(names)} DTF blocks '
                        f'({", ".join(names)})')
     name = names[block_index]
-    filt = analysis.filters[name]  # F H W C
+    filt = blocks[name]  # F H W C
     steps = analysis.cam.shape[0]  # T', the same in every stage
     per_location = {}
     for where, cell in locations.items():
@@ -221,9 +223,11 @@ def _pyplot():
   return plt
 
 
-def plot_gradcam(frames: np.ndarray, cam: np.ndarray, max_frames: int, title: str) -> bytes:
+def plot_gradcam(frames: np.ndarray, cam: np.ndarray, locations: Dict[str, Tuple[int, int]],
+                 max_frames: int, title: str) -> bytes:
   """Frames ``T H W 3`` (top row) and the rectified Grad-CAM ``T' h w`` over them (bottom row),
-  the two locations outlined; up to ``max_frames`` frames, evenly spaced."""
+  the two ``locations`` (cells of ``cam``) outlined; up to ``max_frames`` frames, evenly
+  spaced."""
   plt = _pyplot()
   from matplotlib.patches import Rectangle  # pylint: disable=import-outside-toplevel
   import PIL.Image  # pylint: disable=import-outside-toplevel
@@ -242,7 +246,7 @@ def plot_gradcam(frames: np.ndarray, cam: np.ndarray, max_frames: int, title: st
       if row:
         ax.imshow(up, cmap='jet', alpha=0.5, vmin=0, vmax=1)
       for where, colour in LOCATIONS:
-        y, x = extreme_locations(cam)[where]
+        y, x = locations[where]
         ax.add_patch(Rectangle((x * size_w / w - 0.5, y * size_h / h - 0.5), size_w / w,
                                size_h / h, fill=False, edgecolor=colour, linewidth=1.5))
       ax.set_xticks([])
@@ -390,19 +394,19 @@ def main(argv=None) -> int:
   probs /= probs.sum()
   top = int(np.argmax(probs))
   cam_shape = analysis.cam.shape[1:]
+  locations = extreme_locations(analysis.cam)
   try:
-    values = filter_values(analysis, cam_shape, args.block)
+    values = filter_values(analysis, locations, args.block)
   except ValueError as e:
     parser.error(str(e))
 
   out = storage.path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  locations = extreme_locations(analysis.cam)
-  family = 'resnet' if hasattr(model, 'stage_sizes') else 'swin'
   title = (f'{storage.path(args.video).name}: top-1 {class_names[top]} ({probs[top]:.3f}); '
            f'Grad-CAM of {class_names[analysis.target]} at stage {stage}')
   frames = view_frames(video[0])
-  storage.write_bytes(out / 'gradcam.png', plot_gradcam(frames, analysis.cam, args.frames, title))
+  storage.write_bytes(out / 'gradcam.png',
+                      plot_gradcam(frames, analysis.cam, locations, args.frames, title))
   arrays: Dict[str, Any] = {
       'frames': frames, 'logits': analysis.logits, 'target': analysis.target,
       'stage': stage, 'cam': analysis.cam, 'weights': analysis.gradient.mean(axis=(0, 1, 2)),
@@ -415,7 +419,7 @@ def main(argv=None) -> int:
            f'{tuple(map(int, locations["largest"]))}, smallest at '
            f'{tuple(map(int, locations["smallest"]))}']
   if values:
-    storage.write_bytes(out / 'filters.png', plot_filters(values, family))
+    storage.write_bytes(out / 'filters.png', plot_filters(values, model_spec(model).family))
     for stage_k, name, per_location, lags in values:
       arrays[f'stage{stage_k}_lags'] = lags
       for where, entry in per_location.items():
