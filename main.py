@@ -4,6 +4,11 @@
     python main.py --config=configs/dtf_r50.py:32,ssv2 --workdir=... --config.batch_size=128
     python main.py --config=configs/quickstart.py --workdir=... --mode=eval
 
+Before a pod run, compile its train and eval steps for the pod's TPU topology, on any host (needs
+libtpu: pip install -e '.[tpu]'); nothing is read or written, no --workdir needed:
+
+    python main.py --config=configs/dtf_swin_b.py --compile_only=v5e:16x16
+
 --mode: train (resumes from the workdir's latest checkpoint), eval (latest checkpoint, or
 --config.eval_checkpoint_step), train_and_eval (evaluates every config.eval_every_steps and at the
 end). Any config field can be overridden with --config.FIELD=value; an unknown field or a value of
@@ -30,7 +35,12 @@ config_flags.DEFINE_config_file('config', None, 'config file, optionally with an
 flags.DEFINE_string('workdir', None, 'directory for checkpoints, logs, eval reports: a local path '
                     'or a URL (gs://bucket/runs/name); on several hosts, one every host reaches.')
 flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'train_and_eval'], 'what to run.')
-flags.mark_flags_as_required(['config', 'workdir'])
+flags.DEFINE_string('compile_only', None, 'pod preflight: compile the train and eval steps for '
+                    'this TPU topology (GENERATION:TOPOLOGY[,slices=N], e.g. v5e:16x16, '
+                    'v5p:4x4x4, v6e:8x8,slices=2) and print memory, FLOPs, bytes and the '
+                    'roofline per chip; exits 1 when a step does not fit. Reads and writes '
+                    'nothing.')
+flags.mark_flags_as_required(['config'])
 
 
 def _usage_error(message: str):
@@ -111,11 +121,33 @@ class _QuietCheckpointing(logging.Filter):
     return record.levelno >= logging.WARNING or '/orbax/' not in record.pathname
 
 
+def _compile_only(config, target: str) -> int:
+  """``--compile_only``: the pod preflight (dtf_jax/train/preflight.py); its exit code."""
+  from dtf_jax import tpu_target, train  # pylint: disable=import-outside-toplevel
+  from dtf_jax.train import preflight  # pylint: disable=import-outside-toplevel
+  try:
+    tpu_target.parse_target(target)
+    train.validate_config(config)
+  except ValueError as e:
+    _usage_error(str(e) if 'TPU target' in str(e) else f'{e}')
+  missing = tpu_target.libtpu_available()
+  if missing:
+    sys.exit(f'error: --compile_only={target}: {missing}')
+  try:
+    return preflight.preflight(config, target)
+  except (ValueError, RuntimeError) as e:
+    sys.exit(f'error: --compile_only={target}: {e}')
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   absl_logging.get_absl_handler().addFilter(_QuietCheckpointing())
   config = FLAGS.config
+  if FLAGS.compile_only:
+    sys.exit(_compile_only(config, FLAGS.compile_only))
+  if not FLAGS.workdir:
+    _usage_error('--workdir is required (except with --compile_only)')
   from dtf_jax import multihost, storage  # pylint: disable=import-outside-toplevel
   try:
     workdir = str(storage.path(FLAGS.workdir))

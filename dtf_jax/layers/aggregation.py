@@ -18,7 +18,11 @@ The implementations (``fa_impl``) compute the same values:
 - ``'pallas'``: one kernel per frame pair (``aggregation_pallas.py``), and a backward kernel that
   recomputes the attention from ``x`` (nothing but ``x`` is kept for the backward pass).
 
-``'auto'`` picks per backend from :data:`AUTO_FA_IMPL`, what was measured fastest there.
+``'auto'`` picks per platform from :data:`AUTO_FA_IMPL`, what was measured best there. The
+platform is the one the program is compiled for, not JAX's default backend (a TPU program
+compiled ahead of time on a CPU host gets the TPU's choice, and the Pallas kernel its TPU form):
+where the choices differ, each is staged out with ``jax.lax.platform_dependent`` and lowering
+keeps the one of the target platform.
 """
 
 import functools
@@ -32,18 +36,36 @@ import jax.numpy as jnp
 COUNTED_SCOPE = 'counted_macs'
 
 FA_IMPLS = ('auto', 'scan', 'xla', 'pallas')
-# What 'auto' runs, per JAX backend. Measured: CPU (benchmark_model, README). The accelerators
-# keep the scan until experiments/gpu_benchmarks.sh has compared the implementations there.
+# What 'auto' runs, per platform. Measured: CPU (benchmark_model, README); TPU (the compiled
+# program's bytes accessed, model_info / benchmark_model --target, README). The GPU keeps the
+# scan until experiments/gpu_benchmarks.sh has compared the implementations there.
 AUTO_FA_IMPL = {'cpu': 'scan', 'gpu': 'scan', 'tpu': 'scan'}
+# JAX's lowering platforms and the AUTO_FA_IMPL / PALLAS_TILING key of each.
+PLATFORMS = {'cpu': 'cpu', 'cuda': 'gpu', 'rocm': 'gpu', 'tpu': 'tpu'}
 
 
 def resolve_fa_impl(impl: str, backend: str = None) -> str:
-  """``impl`` with ``'auto'`` replaced by the choice for ``backend`` (default: JAX's)."""
+  """``impl`` with ``'auto'`` replaced by the choice for ``backend`` ('cpu', 'gpu', 'tpu';
+  default: JAX's)."""
   if impl not in FA_IMPLS:
     raise ValueError(f'fa_impl={impl!r} is not one of {FA_IMPLS}.')
   if impl != 'auto':
     return impl
   return AUTO_FA_IMPL.get(backend or jax.default_backend(), 'scan')
+
+
+def per_platform(x, choice, run):
+  """``run(choice(kind), x)`` for the platform the program is lowered for: ``choice`` maps
+  'cpu' / 'gpu' / 'tpu' to a hashable option; where the options differ, each is traced and
+  ``jax.lax.platform_dependent`` keeps the target's at lowering."""
+  options = {platform: choice(kind) for platform, kind in PLATFORMS.items()}
+  if len(set(options.values())) == 1:
+    return run(options['cpu'], x)
+  branches = {}  # one branch per distinct option (platform_dependent joins identical ones)
+  for option in options.values():
+    branches.setdefault(option, functools.partial(run, option))
+  return jax.lax.platform_dependent(
+      x, **{platform: branches[option] for platform, option in options.items()})
 
 
 def pad_space(x, kernel_size: int):
@@ -194,7 +216,7 @@ def _fa_xla(x, kernel_size: int):
 # 'pallas': forward and backward kernels (aggregation_pallas.py).
 # ---------------------------------------------------------------------------------------------
 
-# The kernel's tiling per backend (see aggregation_pallas.py); the CPU interprets the TPU one.
+# The kernel's tiling per platform (see aggregation_pallas.py); the CPU interprets the TPU one.
 PALLAS_TILING = {'gpu': 'row', 'tpu': 'frame', 'cpu': 'frame'}
 
 
@@ -203,21 +225,20 @@ def _pallas():
   return aggregation_pallas
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _fa_pallas(x, kernel_size: int, tiling: str):
-  return _pallas().frame_wise_aggregation_kernel(x, kernel_size, tiling,
-                                                 interpret=jax.default_backend() == 'cpu')
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _fa_pallas(x, kernel_size: int, tiling: str, interpret: bool):
+  return _pallas().frame_wise_aggregation_kernel(x, kernel_size, tiling, interpret=interpret)
 
 
-def _fa_pallas_fwd(x, kernel_size, tiling):
-  return _fa_pallas(x, kernel_size, tiling), x
+def _fa_pallas_fwd(x, kernel_size, tiling, interpret):
+  return _fa_pallas(x, kernel_size, tiling, interpret), x
 
 
-def _fa_pallas_bwd(kernel_size, tiling, x, cotangents):
+def _fa_pallas_bwd(kernel_size, tiling, interpret, x, cotangents):
   g_out, g_corr = cotangents
   return (_pallas().frame_wise_aggregation_grad(
       x, g_out.astype(x.dtype), g_corr.astype(jnp.float32), kernel_size, tiling,
-      interpret=jax.default_backend() == 'cpu'),)
+      interpret=interpret),)
 
 
 _fa_pallas.defvjp(_fa_pallas_fwd, _fa_pallas_bwd)
@@ -226,12 +247,20 @@ _fa_pallas.defvjp(_fa_pallas_fwd, _fa_pallas_bwd)
 def frame_wise_aggregation(x, kernel_size: int, impl: str = 'auto'):
   """Frame-wise aggregation.  ``B T H W C -> (out B T H W C in x.dtype, corr B T H W K2 f32)``.
 
-  ``impl``: one of :data:`FA_IMPLS`. The Pallas kernel runs compiled on TPU and GPU and in
-  interpret mode (slow, for tests) on the CPU.
+  ``impl``: one of :data:`FA_IMPLS` (``'auto'``: per target platform). The Pallas kernel runs
+  compiled on TPU and GPU and in interpret mode (slow, for tests) on the CPU.
   """
-  impl = resolve_fa_impl(impl)
-  if impl == 'scan':
-    return _fa_scan(x, kernel_size)
-  if impl == 'xla':
-    return _fa_xla(x, kernel_size)
-  return _fa_pallas(x, kernel_size, PALLAS_TILING.get(jax.default_backend(), 'frame'))
+  resolve_fa_impl(impl, 'cpu')  # checks the name
+
+  def run(option, v):
+    chosen, kind = option
+    if chosen == 'scan':
+      return _fa_scan(v, kernel_size)
+    if chosen == 'xla':
+      return _fa_xla(v, kernel_size)
+    return _fa_pallas(v, kernel_size, PALLAS_TILING[kind], kind == 'cpu')
+
+  def choice(kind):
+    chosen = resolve_fa_impl(impl, kind)
+    return chosen, kind if chosen == 'pallas' else None
+  return per_platform(x, choice, run)

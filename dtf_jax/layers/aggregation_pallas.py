@@ -34,9 +34,12 @@ cotangents, the second gathering ``dn`` from them. XLA adds the residual's cotan
 ``dn`` shifted by one frame, and frame 0's own correlation's gradient.
 
 The arithmetic is float32 whatever the input dtype. A ``'frame'`` block is at most 58 x 58 x 64
-or 9 x 9 x 2048 values in DTF-R50 at 224² (0.9 MB in float32); the backward kernel also holds the
-``K2`` neighbour windows of a frame, which at stage 1 may not fit a core's default scoped VMEM
-(not measured: no TPU here). The CPU runs either tiling in interpret mode (the tests run both).
+or 9 x 9 x 2048 values in DTF-R50 at 224² (0.9 MB in float32). Inside a frame the kernels loop
+over bands of rows (:func:`band_rows`), so that only one band's ``K2`` float32 neighbour windows
+and temporaries are live: compiled for TPU (v4, v5e, v5p, v6e; ``dtf_jax.tpu_target``), both
+kernels fit the compiler's default 16 MiB of scoped VMEM at DTF-R50's stage 1 in bfloat16 (whole
+frames, without bands: 32 MiB forward, more backward). The CPU runs either tiling in interpret
+mode (the tests run both).
 """
 
 import functools
@@ -45,6 +48,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.custom_partitioning import custom_partitioning
+from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -53,27 +57,50 @@ TILINGS = ('frame', 'row')
 CHANNEL_CHUNK = 16
 
 
+def band_rows(height: int, width: int, channels: int, kernel_size: int,
+              backward: bool = False) -> int:
+  """Rows per band of the 'frame' kernels (a divisor of ``H``): the band's float32 temporaries
+  (forward: ``K2 + 4`` of ``rows x W x C``, backward ``4 K2 + 6``; TPU-tiled to multiples of
+  (8, 128)) within ~4 MiB of VMEM, so that a kernel fits the 16 MiB of scoped VMEM that the TPU
+  compiler gives it by default (v4 has no more)."""
+  k2 = kernel_size ** 2
+  row = -(-width // 8) * 8 * -(-channels // 128) * 128 * 4 * (4 * k2 + 6 if backward else k2 + 4)
+  most = max(1, (2 ** 20 if backward else 4 * 2 ** 20) // row)
+  return max(d for d in range(1, height + 1) if height % d == 0 and d <= most)
+
+
+def _for_bands(height, rows, body):
+  """``body(r0)`` for the bands ``[r0, r0 + rows)`` of ``H`` rows, in a loop (one band's
+  temporaries live at a time)."""
+  def step(band, carry):
+    body(pl.multiple_of(band * rows, rows))
+    return carry
+  jax.lax.fori_loop(0, height // rows, step, 0)
+
+
 def _frame_kernel(query_ref, neighbours_ref, corr_in_ref, out_ref, corr_ref, *, kernel_size, height,
-            width, channels, time):
+                  width, channels, time, rows):
   del corr_in_ref  # aliased to corr_ref: holds corr[:, 0] and everything not written here
   s = pl.program_id(1)
   p = kernel_size // 2
-  query = query_ref[p:p + height, p:p + width, :].astype(jnp.float32)
 
   @pl.when(s < time - 1)
   def _():
-    neighbours = [neighbours_ref[i:i + height, j:j + width, :].astype(jnp.float32)
-                  for i in range(kernel_size) for j in range(kernel_size)]
-    logits = jnp.stack([jnp.sum(query * n, axis=-1) for n in neighbours], axis=-1) / channels
-    attention = jax.nn.softmax(logits, axis=-1)
-    aggregated = functools.reduce(
-        jnp.add, [attention[..., k:k + 1] * n for k, n in enumerate(neighbours)])
-    corr_ref[...] = logits
-    out_ref[...] = (query + aggregated).astype(out_ref.dtype)
+    def band(r0):  # bands of rows bound the live VMEM temporaries
+      query = query_ref[pl.ds(p + r0, rows), p:p + width, :].astype(jnp.float32)
+      neighbours = [neighbours_ref[pl.ds(r0 + i, rows), j:j + width, :].astype(jnp.float32)
+                    for i in range(kernel_size) for j in range(kernel_size)]
+      logits = jnp.stack([jnp.sum(query * n, axis=-1) for n in neighbours], axis=-1) / channels
+      attention = jax.nn.softmax(logits, axis=-1)
+      aggregated = functools.reduce(
+          jnp.add, [attention[..., k:k + 1] * n for k, n in enumerate(neighbours)])
+      corr_ref[pl.ds(r0, rows)] = logits
+      out_ref[pl.ds(r0, rows)] = (query + aggregated).astype(out_ref.dtype)
+    _for_bands(height, rows, band)
 
   @pl.when(s == time - 1)
   def _():
-    out_ref[...] = query.astype(out_ref.dtype)
+    out_ref[...] = query_ref[p:p + height, p:p + width, :]
 
 
 def _row_kernel(x_ref, corr_in_ref, out_ref, corr_ref, *, kernel_size, height, width, channels,
@@ -139,17 +166,11 @@ def _softmax_backward(logits, g_out_dots, g_corr):
   return attention, [a * (d - mean) + g for a, d, g in zip(attention, g_out_dots, g_corr)]
 
 
-def _shift_add(ref, value, di, dj, height, width):
-  """``ref[h + di, w + dj] += value[h, w]`` where both are inside the frame (static offsets)."""
-  rows, cols = slice(max(0, di), height + min(0, di)), slice(max(0, dj), width + min(0, dj))
-  src_rows, src_cols = slice(max(0, -di), height - max(0, di)), slice(max(0, -dj), width - max(0, dj))
-  ref[rows, cols, :] += value[src_rows, src_cols, :]
-
-
-def _frame_backward_kernel(query_ref, neighbours_ref, g_out_ref, g_corr_ref, dq_ref, dn_ref, *,
-                           kernel_size, height, width, channels, time):
+def _frame_backward_kernel(query_ref, neighbours_ref, g_out_ref, g_corr_ref, dq_ref, dn_ref,
+                           dn_padded, *, kernel_size, height, width, channels, time, rows):
   """Step ``(b, s)``: ``dq`` (to frame ``s`` as the query) and ``dn`` (to frame ``s + 1`` as the
-  neighbours) of the pair ``(s, s + 1)``; zero at ``s = T - 1``."""
+  neighbours) of the pair ``(s, s + 1)``; zero at ``s = T - 1``. Row bands as the forward;
+  ``dn`` is accumulated in the padded float32 scratch ``dn_padded`` (``H+2p W+2p C``)."""
   s = pl.program_id(1)
   p = kernel_size // 2
   dq_ref[...] = jnp.zeros(dq_ref.shape, dq_ref.dtype)
@@ -157,19 +178,25 @@ def _frame_backward_kernel(query_ref, neighbours_ref, g_out_ref, g_corr_ref, dq_
 
   @pl.when(s < time - 1)
   def _():
-    query = query_ref[p:p + height, p:p + width, :].astype(jnp.float32)
-    g_out = g_out_ref[...].astype(jnp.float32)
-    g_corr = g_corr_ref[...]
-    neighbours = [neighbours_ref[i:i + height, j:j + width, :].astype(jnp.float32)
-                  for i in range(kernel_size) for j in range(kernel_size)]
-    logits = [jnp.sum(query * n, axis=-1, keepdims=True) / channels for n in neighbours]
-    dots = [jnp.sum(g_out * n, axis=-1, keepdims=True) for n in neighbours]
-    attention, d_logits = _softmax_backward(
-        logits, dots, [g_corr[..., k:k + 1] for k in range(kernel_size ** 2)])
-    dq_ref[...] = functools.reduce(jnp.add, [d * n for d, n in zip(d_logits, neighbours)]) / channels
-    for k, (a, d) in enumerate(zip(attention, d_logits)):
-      _shift_add(dn_ref, a * g_out + d * query / channels, k // kernel_size - p,
-                 k % kernel_size - p, height, width)
+    dn_padded[...] = jnp.zeros(dn_padded.shape, dn_padded.dtype)
+
+    def band(r0):
+      query = query_ref[pl.ds(p + r0, rows), p:p + width, :].astype(jnp.float32)
+      g_out = g_out_ref[pl.ds(r0, rows)].astype(jnp.float32)
+      g_corr = g_corr_ref[pl.ds(r0, rows)]
+      neighbours = [neighbours_ref[pl.ds(r0 + i, rows), j:j + width, :].astype(jnp.float32)
+                    for i in range(kernel_size) for j in range(kernel_size)]
+      logits = [jnp.sum(query * n, axis=-1, keepdims=True) / channels for n in neighbours]
+      dots = [jnp.sum(g_out * n, axis=-1, keepdims=True) for n in neighbours]
+      attention, d_logits = _softmax_backward(
+          logits, dots, [g_corr[..., k:k + 1] for k in range(kernel_size ** 2)])
+      dq_ref[pl.ds(r0, rows)] = (functools.reduce(
+          jnp.add, [d * n for d, n in zip(d_logits, neighbours)]) / channels).astype(dq_ref.dtype)
+      for k, (a, d) in enumerate(zip(attention, d_logits)):
+        i, j = k // kernel_size, k % kernel_size
+        dn_padded[pl.ds(r0 + i, rows), j:j + width, :] += a * g_out + d * query / channels
+    _for_bands(height, rows, band)
+    dn_ref[...] = dn_padded[p:p + height, p:p + width, :].astype(dn_ref.dtype)
 
 
 def _row_backward_kernel_a(x_ref, g_out_ref, g_corr_ref, dq_ref, att_ref, dlog_ref, *,
@@ -288,14 +315,21 @@ def _batch_partitioned(fn, rule: str, num_outputs: int):
 
 
 def _per_batch_shard(fn, rule: str, num_outputs: int, *args):
-  """``fn(*args)`` run on each device's part of the batch: through ``shard_map`` where the batch
-  axis's sharding is part of the type (Explicit mesh axes), else custom-partitioned (Auto)."""
+  """``fn(*args)`` run on each device's part of the batch, through ``shard_map``: over the batch
+  axis's mesh axes where they are part of the type (Explicit mesh axes), else over every axis of
+  the mesh set with ``jax.set_mesh`` (Auto axes; the trainer sets it) when the batch divides
+  evenly. Without a mesh the op is custom-partitioned along the batch (XLA's partitioner splits it
+  on CPU and GPU; the TPU compiler has no emitter for that route, so set the mesh there)."""
   sharding = jax.typeof(args[0]).sharding
   if not sharding.mesh.empty and sharding.spec and sharding.spec[0] is not None:
-    spec = P(sharding.spec[0])
-    return jax.shard_map(fn, mesh=sharding.mesh, in_specs=(spec,) * len(args),
-                         out_specs=(spec,) * num_outputs, check_vma=False)(*args)
-  return _batch_partitioned(fn, rule, num_outputs)(*args)
+    spec, mesh = P(sharding.spec[0]), sharding.mesh
+  else:
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or args[0].shape[0] % mesh.size:
+      return _batch_partitioned(fn, rule, num_outputs)(*args)
+    spec = P(mesh.axis_names)
+  return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * len(args),
+                       out_specs=(spec,) * num_outputs, check_vma=False)(*args)
 
 
 def frame_wise_aggregation_kernel(x, kernel_size: int, tiling: str = 'frame',
@@ -303,8 +337,7 @@ def frame_wise_aggregation_kernel(x, kernel_size: int, tiling: str = 'frame',
   """``B T H W C -> (out B T H W C in x.dtype, corr B T H W K2 float32)``; forward only.
 
   ``tiling``: ``'frame'`` (TPU) or ``'row'`` (GPU), see the module docstring. Under a mesh the
-  kernel runs on each device's part of the batch: through ``shard_map`` where the batch axis's
-  sharding is part of the type (Explicit mesh axes), else as a custom-partitioned op.
+  kernel runs on each device's part of the batch (see :func:`_per_batch_shard`).
   """
   if tiling not in TILINGS:
     raise ValueError(f'tiling={tiling!r} is not one of {TILINGS}.')
@@ -388,12 +421,16 @@ def _backward_call(x, g_out, g_corr, kernel_size, tiling, interpret):
     after = lambda b, s: (b, jnp.minimum(s + 1, time - 1), 0, 0, 0)  # noqa: E731
     dq, dn = pl.pallas_call(
         functools.partial(_frame_backward_kernel, kernel_size=kernel_size, height=height,
-                          width=width, channels=channels, time=time),
+                          width=width, channels=channels, time=time,
+                          rows=band_rows(height, width, channels, kernel_size, backward=True)),
         grid=(batch, time),
         in_specs=[block(hp, wp, channels, this), block(hp, wp, channels, after),
                   block(height, width, channels, this), block(height, width, k2, after)],
         out_specs=[block(height, width, channels, this), block(height, width, channels, this)],
-        out_shape=[shape, shape], interpret=interpret,
+        # dq and dn in x's dtype: their double-buffered frame blocks are the kernel's largest
+        # (float32 at 56x56x64 would not fit v4's 16 MiB of VMEM beside the inputs).
+        out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype)] * 2, scratch_shapes=[pltpu.VMEM((hp, wp, channels), jnp.float32)],
+        interpret=interpret,
         name='dtf_frame_wise_aggregation_grad')(padded, padded, g_out, g_corr)
   # dq[s] goes to frame s (the query), dn[s] to frame s + 1 (the neighbours).
   grad = grad + dq + jnp.pad(dn[:, :-1], ((0, 0), (1, 0), (0, 0), (0, 0), (0, 0)))
@@ -430,7 +467,8 @@ def _kernel_call(x, kernel_size, tiling, interpret):
   squeezed = pl.squeezed
   frame = lambda index: pl.BlockSpec((squeezed, squeezed, hp, wp, channels), index)  # noqa: E731
   kernel = functools.partial(_frame_kernel, kernel_size=kernel_size, height=height, width=width,
-                             channels=channels, time=time)
+                             channels=channels, time=time,
+                             rows=band_rows(height, width, channels, kernel_size))
   out, corr = pl.pallas_call(
       kernel,
       grid=(batch, time),

@@ -12,6 +12,15 @@ the ratios model / compare of time and of bytes accessed are printed. ``--fa-imp
 times ``--model`` once per frame-wise aggregation implementation, all in the same run. The
 models compile in parallel threads.
 
+``--target v5e:1x1`` (any ``dtf_jax.tpu_target`` topology; needs ``pip install -e '.[tpu]'``)
+times nothing: it compiles each model's forward and the trainer's train step (forward, backward,
+SGD-momentum update, state donated; ``--batch`` clips per chip) for that TPU on this host, and
+prints per chip the compiled programs' FLOPs, bytes accessed, temporaries and peak memory, with
+the ratios to ``--compare``: how every change to the DTF block is measured on the TPU compiler.
+
+    python -m dtf_jax.tools.benchmark_model --model dtf_r50 --compare c2d_r50 --dtype bfloat16 \
+        --batch 4 --fa-impl scan,xla,pallas --target v5e:1x1
+
 MFU (model FLOP utilisation) per model and call: XLA's FLOPs of the call / its median time /
 the device's peak. The peak: ``--peak-tflops`` if given; else the data-sheet dense peak of the
 device kind (``PEAK_TFLOPS``: bfloat16, or for ``--dtype float32`` what float32 matmuls run at
@@ -29,9 +38,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dtf_jax import tpu_target
 from dtf_jax.layers.aggregation import FA_IMPLS
 from dtf_jax.models import REMAT_OPTIONS, create_model, list_models, model_arguments, size_kwargs
-from dtf_jax.tools.model_info import int_at_least, usage_error
+from dtf_jax.tools.model_info import int_at_least, lower_forward, lower_train_step, target_mesh, \
+    tpu_target_arg, usage_error
 
 # Data-sheet dense (no sparsity) peak TFLOP/s per device, keyed by jax's ``device_kind``:
 # (bfloat16, float32 matmuls at JAX's default precision: TF32 on NVIDIA GPUs, one bfloat16 pass
@@ -78,6 +89,10 @@ def parse_args(argv=None):
                       help='what the backward pass recomputes (default none).')
   parser.add_argument('--peak-tflops', type=float,
                       help='device peak TFLOP/s for MFU (default: data sheet, or measured).')
+  parser.add_argument('--target', type=tpu_target_arg, default=None,
+                      help='compile (not time) the forward and the train step for this TPU '
+                           'topology, e.g. v5e:1x1 (needs libtpu: pip install -e .[tpu]); '
+                           '--batch is per chip.')
   args = parser.parse_args(argv)
   if args.peak_tflops is not None and not args.peak_tflops > 0:
     parser.error(f'argument --peak-tflops: must be > 0, got {args.peak_tflops}')
@@ -188,6 +203,48 @@ class ModelTimer:
     return self.cost[what]['flops'] / statistics.median(self.times[what]) / (peak_tflops * 1e12)
 
 
+def compile_for_target(args, specs):
+  """``--target``: per model, the forward and the train step compiled for the TPU; prints each
+  one's per-chip figures and the ratios to ``--compare``."""
+  mesh = target_mesh(args.target)
+  devices = list(mesh.devices.flat)
+  print(f'{", ".join(label for _, _, label in specs)}: {args.batch} clips per chip x '
+        f'{args.clip_length} frames x {args.size}x{args.size}, {args.dtype}, remat {args.remat}; '
+        f'compiled for TPU {args.target.name} ({len(devices)} chips), figures per chip '
+        f'(XLA\'s plan, nothing runs)', flush=True)
+  results = {}
+  for name, impl, label in specs:
+    options = {'fa_impl': impl} if 'fa_impl' in model_arguments(name) else {}
+    try:
+      model = create_model(name, num_classes=args.num_classes, clip_length=args.clip_length,
+                           dtype=jnp.dtype(args.dtype), remat=args.remat,
+                           **size_kwargs(name, args.size), **options)
+      view = jnp.zeros((1, args.clip_length, args.size, args.size, 3), jnp.float32)
+      shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), view))
+      results[label] = {
+          'forward': tpu_target.compile_stats(lower_forward(
+              model, shapes, args.batch, args.clip_length, args.size, mesh)),
+          'train step': tpu_target.compile_stats(lower_train_step(args, devices, model=name,
+                                                                  **options))}
+    except ValueError as e:  # the model cannot be built, or cannot take --clip-length / --size
+      flag = '--model' if name == args.model else '--compare'
+      usage_error(f'{flag} {name} --clip-length {args.clip_length} --size {args.size}: {e}')
+    for what, st in results[label].items():
+      print(f'{label} {what}: {st.flops / 1e9:.1f} GFLOP, {st.bytes_accessed / 1e9:.3f} GB '
+            f'accessed, temporaries {st.temp_bytes / 2 ** 30:.3f} GiB, peak '
+            f'{st.peak_bytes / 2 ** 30:.3f} GiB; compiled in {st.compile_s:.1f} s', flush=True)
+  if args.compare:
+    base = results[args.compare]
+    for label in list(results)[:-1]:
+      for what, st in results[label].items():
+        b = base[what]
+        print(f'ratio {label} / {args.compare} ({what}): bytes accessed '
+              f'{st.bytes_accessed / b.bytes_accessed:.2f}, FLOPs {st.flops / b.flops:.2f}, '
+              f'temporaries {f"{st.temp_bytes / b.temp_bytes:.2f}" if b.temp_bytes else "-"}, peak '
+              f'{st.peak_bytes / b.peak_bytes:.2f}')
+  return results
+
+
 def main(argv=None):
   args = parse_args(argv)
   impls = args.fa_impl
@@ -196,6 +253,9 @@ def main(argv=None):
            for impl in impls]
   if args.compare:
     specs.append((args.compare, impls[0], args.compare))
+  if args.target is not None:
+    compile_for_target(args, specs)
+    return
   print(f'{", ".join(label for _, _, label in specs)}: batch {args.batch} x {args.clip_length} '
         f'frames x {args.size}x{args.size}, {args.dtype}, fa_impl {",".join(impls)}, remat '
         f'{args.remat}, backend {jax.default_backend()} ({jax.device_count()} device(s)); median '

@@ -22,6 +22,13 @@ ResNets, ``--dtf-stages 4`` (or ``1,2,3,4``) chooses the stages that carry it:
     python -m dtf_jax.tools.model_info --model dtf_r50 --temporal dtf_1d --dtf-stages 4 \\
         --no-compile
 
+``--target v5e:1x1`` (any ``dtf_jax.tpu_target`` topology; needs ``pip install -e '.[tpu]'``)
+compiles for that TPU instead of the default backend, on any host, with ``--batch`` clips per
+chip, and adds the compiled program's FLOPs, bytes accessed and roofline per chip:
+
+    python -m dtf_jax.tools.model_info --model dtf_r50 --dtype bfloat16 --batch 4 --train \
+        --target v5e:1x1
+
 Memory is XLA's buffer assignment of the compiled program, per device (nothing is run):
 peak = arguments + temporaries + outputs - aliased (outputs written into donated arguments, the
 new train state, count once). Temporaries are already packed by liveness (buffers that are never
@@ -39,8 +46,10 @@ import time
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dtf_jax import flops
+from dtf_jax import flops, tpu_target
 from dtf_jax.layers.temporal import TEMPORAL_MODULES
 from dtf_jax.models import REMAT_OPTIONS, create_model, list_models, model_spec, size_kwargs
 
@@ -56,6 +65,23 @@ def int_at_least(minimum: int):
       raise argparse.ArgumentTypeError(f'must be >= {minimum}, got {value}')
     return value
   return parse
+
+
+def tpu_target_arg(text: str):
+  """argparse ``type``: a ``dtf_jax.tpu_target`` topology such as ``v5e:2x2``."""
+  try:
+    return tpu_target.parse_target(text)
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def target_mesh(target) -> jax.sharding.Mesh:
+  """A one-axis ``('batch',)`` mesh of ``target``'s abstract TPU devices; a usage error (exit 2)
+  naming the cause when libtpu is missing."""
+  missing = tpu_target.libtpu_available()
+  if missing:
+    usage_error(f'--target {target.name}: {missing}')
+  return jax.sharding.Mesh(np.array(tpu_target.target_devices(target)), ('batch',))
 
 
 def int_list(text: str):
@@ -103,6 +129,10 @@ def parse_args(argv=None):
                            "1,2,3,4 (default: the model's own, all four).")
   parser.add_argument('--no-compile', action='store_true',
                       help='skip compiling (parameters and GFLOPs only).')
+  parser.add_argument('--target', type=tpu_target_arg, default=None,
+                      help='compile for this TPU topology instead of the default backend, e.g. '
+                           'v5e:1x1 or v5e:2x2 (needs libtpu: pip install -e .[tpu]); --batch is '
+                           'per chip.')
   args = parser.parse_args(argv)
   if args.dtf_stages is not None and model_spec(args.model).family != 'resnet':
     parser.error(f'--dtf-stages applies to ResNet models only, not --model {args.model}')
@@ -112,9 +142,9 @@ def parse_args(argv=None):
 def model_overrides(args) -> dict:
   """The create_model / config.model arguments that ``--temporal`` and ``--dtf-stages`` set."""
   overrides = {}
-  if args.temporal is not None:
+  if getattr(args, 'temporal', None) is not None:
     overrides['temporal'] = args.temporal
-  if args.dtf_stages is not None:
+  if getattr(args, 'dtf_stages', None) is not None:
     overrides['dtf_stages'] = args.dtf_stages
   return overrides
 
@@ -130,25 +160,44 @@ def fixed_correlation_weights(params) -> int:
   return total
 
 
-def compile_train_step(args):
-  """The trainer's train step for ``args`` (``configs/base.py`` recipe of the model's family),
-  lowered and compiled for ``--batch`` clips per device; nothing is allocated or run."""
+def lower_train_step(args, devices=None, model: str = None, **model_fields):
+  """The trainer's train step for ``args`` (``configs/base.py`` recipe of the model's family,
+  ``model_fields`` added to ``config.model``) for ``--batch`` clips per device, lowered (shapes
+  only: nothing is allocated or run). ``devices``: the mesh's (default: JAX's)."""
   from configs import base  # pylint: disable=import-outside-toplevel
   from dtf_jax.train.config import setup  # pylint: disable=import-outside-toplevel
   from dtf_jax.train.step import make_train_step  # pylint: disable=import-outside-toplevel
-  recipe = base.swin_config if model_spec(args.model).family == 'swin' else base.resnet_config
-  config = recipe(args.model)
+  model = model or args.model
+  recipe = base.swin_config if model_spec(model).family == 'swin' else base.resnet_config
+  config = recipe(model)
   config.data.clip_length, config.data.size = args.clip_length, args.size
   config.data.num_classes, config.compute_dtype = args.num_classes, args.dtype
   config.model.remat = args.remat
-  for key, value in model_overrides(args).items():
+  for key, value in {**model_overrides(args), **model_fields}.items():
     config.model[key] = value
-  config.batch_size = args.batch * jax.device_count()
-  s = setup(config, with_train_data=False)
+  config.batch_size = args.batch * (jax.device_count() if devices is None else len(devices))
+  s = setup(config, with_train_data=False, devices=devices)
   batch = {'video': jax.ShapeDtypeStruct(
                (config.batch_size, args.clip_length, args.size, args.size, 3), jnp.float32),
            'label': jax.ShapeDtypeStruct((config.batch_size,), jnp.int32)}
-  return make_train_step(s).lower(s.abstract_state, batch).compile()
+  return make_train_step(s).lower(s.abstract_state, batch)
+
+
+def lower_forward(model, variables, batch: int, clip_length: int, size: int, mesh=None):
+  """``model``'s jitted forward (``train=False``) on ``batch`` clips per device, lowered; on
+  ``mesh`` (a ``('batch',)`` mesh) the clips are split over its devices, the variables
+  replicated."""
+  shape = (batch, clip_length, size, size, 3)
+  forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  if mesh is None:
+    return forward.lower(variables, jax.ShapeDtypeStruct(shape, jnp.float32))
+  video = jax.ShapeDtypeStruct((batch * mesh.size,) + shape[1:], jnp.float32,
+                               sharding=NamedSharding(mesh, P('batch')))
+  variables = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                                          sharding=NamedSharding(mesh, P())),
+                           variables)
+  with jax.set_mesh(mesh):
+    return forward.lower(variables, video)
 
 
 def saved_activation_bytes(model, variables, video) -> int:
@@ -188,15 +237,16 @@ def describe(args) -> dict:
     batch = jax.ShapeDtypeStruct((args.batch,) + view.shape[1:], jnp.float32)
     report['saved_activations'] = saved_activation_bytes(model, shapes, batch)
   if not args.no_compile:
-    start = time.perf_counter()
+    mesh = None if args.target is None else target_mesh(args.target)
+    devices = None if mesh is None else list(mesh.devices.flat)
     if args.train:
-      compiled = compile_train_step(args)
+      lowered = lower_train_step(args, devices)
     else:
-      batch = jax.ShapeDtypeStruct((args.batch,) + view.shape[1:], jnp.float32)
-      forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
-      compiled = forward.lower(shapes, batch).compile()
-    report['compile_s'] = time.perf_counter() - start
-    report['memory'] = compiled.memory_analysis()
+      lowered = lower_forward(model, shapes, args.batch, args.clip_length, args.size, mesh)
+    stats = tpu_target.compile_stats(lowered)
+    report['compile_s'] = stats.compile_s
+    report['memory'] = stats.compiled.memory_analysis()
+    report['stats'] = stats
   return report
 
 
@@ -227,13 +277,21 @@ def main(argv=None):
     mem = report['memory']
     what = (f'train step, batch {args.batch} per device, remat {args.remat}' if args.train else
             f'forward, batch {args.batch}')
-    print(f'XLA compile time ({what}): {report["compile_s"]:.1f} s')
+    where = jax.default_backend() if args.target is None else f'TPU {args.target.name}, per chip'
+    print(f'XLA compile time ({what}, {where}): {report["compile_s"]:.1f} s')
     if mem is not None:
       mib = lambda n: f'{n / 2**20:.1f}'  # noqa: E731
-      print(f'XLA memory ({what}, {jax.default_backend()}): peak {mib(peak_bytes(mem))} MiB = '
+      print(f'XLA memory ({what}, {where}): peak {mib(peak_bytes(mem))} MiB = '
             f'arguments {mib(mem.argument_size_in_bytes)} + temporaries '
             f'{mib(mem.temp_size_in_bytes)} + output {mib(mem.output_size_in_bytes)} - aliased '
             f'{mib(mem.alias_size_in_bytes)} MiB ({peak_bytes(mem) / 2**30:.2f} GiB)')
+    stats = report['stats']
+    print(f'XLA cost ({what}, {where}): {stats.flops / 1e9:.2f} GFLOP, '
+          f'{stats.bytes_accessed / 1e9:.3f} GB accessed')
+    if args.target is not None:
+      chip = args.target.chip
+      print(f'roofline ({chip.name} data sheet: {chip.bf16_flops / 1e12:.0f} TFLOP/s bf16, '
+            f'{chip.hbm_bytes_per_s / 1e9:.0f} GB/s HBM): >= {stats.roofline_s(chip) * 1e3:.2f} ms')
 
 
 if __name__ == '__main__':

@@ -136,18 +136,28 @@ class Setup:
         jax.random.PRNGKey(self.config.seed))
 
 
-def setup(config: ml_collections.ConfigDict, with_train_data: bool = True) -> Setup:
-  """Checks ``config`` and builds everything a run needs from it (not the state itself)."""
+def check_batches(config: ml_collections.ConfigDict, num_devices: int, train: bool = True,
+                  evaluation: bool = False) -> None:
+  """The global batches (train and micro-batch, eval) against the device count."""
+  sizes = ((('config.batch_size', config.batch_size),
+            ('micro-batch (batch_size / grad_accum_steps)',
+             config.batch_size // config.grad_accum_steps)) if train else ())
+  if evaluation:
+    sizes += (('config.eval_batch_size', config.eval_batch_size),)
+  for what, size in sizes:
+    if size % num_devices:
+      raise ValueError(f'{what}={size} is not divisible by the {num_devices} devices')
+
+
+def setup(config: ml_collections.ConfigDict, with_train_data: bool = True,
+          devices=None) -> Setup:
+  """Checks ``config`` and builds everything a run needs from it (not the state itself).
+  ``devices``: the mesh's (default: all of JAX's; abstract TPU devices to compile ahead of
+  time)."""
   validate_config(config)
   hide_accelerators_from_tf()  # before the input pipelines make TensorFlow create its devices
-  mesh = make_mesh(config.mesh.fsdp)
-  if config.batch_size % jax.device_count():
-    raise ValueError(f'config.batch_size={config.batch_size} is not divisible by the '
-                     f'{jax.device_count()} devices')
-  if (config.batch_size // config.grad_accum_steps) % jax.device_count():
-    raise ValueError(f'micro-batch {config.batch_size // config.grad_accum_steps} '
-                     f'(batch_size / grad_accum_steps) is not divisible by the '
-                     f'{jax.device_count()} devices')
+  mesh = make_mesh(config.mesh.fsdp, devices)
+  check_batches(config, mesh.size)
   train_source = None
   steps_per_epoch = 1
   if with_train_data:

@@ -19,8 +19,8 @@ from dtf_jax.models import model_spec
 from dtf_jax.pretrained import CHECKPOINT_DIR
 from dtf_jax.train.checkpoints import checkpoint_manager, restore_latest, restore_step, \
     restore_variables
-from dtf_jax.train.config import Setup, check_classes, log, setup
-from dtf_jax.train.sharding import host_local
+from dtf_jax.train.config import Setup, check_batches, check_classes, log, setup
+from dtf_jax.train.sharding import MeshJit, host_local
 
 
 def _predict_fn(s: Setup):
@@ -34,7 +34,7 @@ def _predict_fn(s: Setup):
     @functools.partial(jax.jit, out_shardings=s.batch_sharding)
     def predict(variables, video):
       return jax.nn.softmax(model.apply(variables, video, train=False).astype(jnp.float32))
-    s.predict_fn = predict
+    s.predict_fn = MeshJit(predict, s.mesh)
   return s.predict_fn
 
 
@@ -49,9 +49,7 @@ def evaluate(s: Setup, variables: Dict[str, Any], step: int, workdir: str,
                                 config.data.data_dir or None, jax.process_count(),
                                 config.data.skip_corrupt_records)
   check_classes(config, source)
-  if config.eval_batch_size % jax.device_count():
-    raise ValueError(f'config.eval_batch_size={config.eval_batch_size} is not divisible by the '
-                     f'{jax.device_count()} devices')
+  check_batches(config, s.mesh.size, train=False, evaluation=True)
   per_host = config.eval_batch_size // jax.process_count()
   data = pipeline.eval_dataset(
       source, batch_size=per_host, clip_length=config.data.clip_length, stride=config.data.stride,

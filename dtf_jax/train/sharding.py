@@ -20,11 +20,31 @@ BATCH_AXES = ('data', 'fsdp')
 FSDP_MIN_SIZE = 2 ** 12  # smaller arrays stay replicated under fsdp
 
 
-def make_mesh(fsdp: int = 1) -> jax.sharding.Mesh:
-  n = jax.device_count()
+def make_mesh(fsdp: int = 1, devices=None) -> jax.sharding.Mesh:
+  """The ``('data', 'fsdp')`` mesh of ``devices`` (default: all of JAX's; abstract TPU devices
+  to compile ahead of time, see ``dtf_jax.tpu_target``)."""
+  n = jax.device_count() if devices is None else len(devices)
   if n % fsdp:
     raise ValueError(f'config.mesh.fsdp={fsdp} does not divide the {n} devices')
-  return jax.make_mesh((n // fsdp, fsdp), BATCH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  return jax.make_mesh((n // fsdp, fsdp), BATCH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2,
+                       devices=devices)
+
+
+class MeshJit:
+  """A jitted function called and lowered with its mesh set (``jax.set_mesh``), so that code
+  which places work per shard sees the mesh while it is traced (the Pallas aggregation kernel
+  runs through ``shard_map`` on each device's part of the batch)."""
+
+  def __init__(self, jitted, mesh: jax.sharding.Mesh):
+    self.jitted, self.mesh = jitted, mesh
+
+  def __call__(self, *args):
+    with jax.set_mesh(self.mesh):
+      return self.jitted(*args)
+
+  def lower(self, *args):
+    with jax.set_mesh(self.mesh):
+      return self.jitted.lower(*args)
 
 
 def param_spec(shape: Tuple[int, ...], fsdp: int) -> P:

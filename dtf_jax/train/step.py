@@ -8,6 +8,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dtf_jax.train.config import Setup
+from dtf_jax.train.sharding import MeshJit
 
 
 class NonFiniteLossError(RuntimeError):
@@ -110,5 +111,6 @@ def make_train_step(s: Setup):
                          opt_state=opt_state), metrics
 
   replicated = NamedSharding(batch_sharding.mesh, P())
-  return jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding),
-                 out_shardings=(state_sharding, replicated), donate_argnums=0)
+  return MeshJit(jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding),
+                         out_shardings=(state_sharding, replicated), donate_argnums=0),
+                 batch_sharding.mesh)
