@@ -150,14 +150,14 @@ def test_compile_only_bad_target_is_one_line(tmp_path):
 
 def tiny_config(family: str, fa_impl: str) -> ml_collections.ConfigDict:
   """A tiny run: 4 frames of 32² (T = 4 in every DTF block), global batch 8 (2 per chip),
-  bfloat16, fsdp 2; DTF ResNet with one bottleneck per stage, or DTF Swin with two stages."""
+  bfloat16, fsdp 2; DTF ResNet with two stages of one bottleneck (both with DTF), or DTF Swin with
+  one stage of two blocks (the unshifted one with DTF). Small, to keep compile times short."""
   if family == 'resnet':
     c = quickstart.get_config()
-    c.model.update(stage_sizes=(1, 1, 1, 1), width=16)
+    c.model.update(stage_sizes=(1, 1), dtf_stages=(1, 2), width=16)
   else:
     c = base.swin_config('dtf_swin_t')
-    c.model.update(embed_dim=32, depths=(2, 2), num_heads=(1, 2), window_size=4,
-                   early_stride=1)
+    c.model.update(embed_dim=32, depths=(2,), num_heads=(2,), window_size=4, early_stride=1)
     c.data.num_classes = 8
   c.model.fa_impl = fa_impl
   c.compute_dtype = 'bfloat16'
@@ -221,7 +221,7 @@ def test_preflight_tiny_resnet(monkeypatch, capsys):
 @pytest.mark.parametrize('fa_impl', ['auto', 'xla', 'pallas'])
 def test_train_and_eval_steps_compile_for_tpu_mesh(family, fa_impl):
   """Each step compiles for 4 TPU v5e chips; the train step's arguments on a chip are the
-  fsdp-sharded state plus that chip's quarter of the batch, the state donated (aliased); the
+  fsdp-sharded state and that chip's quarter of the batch, the state donated (aliased); the
   Pallas kernel is a Mosaic kernel in both steps (not interpreted), and 'auto' is the TPU's
   choice."""
   s, train, evaluation = _compiled(family, fa_impl)
@@ -229,10 +229,18 @@ def test_train_and_eval_steps_compile_for_tpu_mesh(family, fa_impl):
   for step in (train, evaluation):
     assert step.stats is not None and step.fits(chip), step.error
     assert step.stats.flops > 0 and step.stats.bytes_accessed > 0
-  state = _state_bytes_per_chip(s, 2)
+  # TPU tiles pad small arrays: the logical bytes are a lower bound.
+  sharded = _state_bytes_per_chip(s, 2)
   video = 2 * 4 * 32 * 32 * 3 * 4  # 2 clips per chip, float32
-  assert train.stats.argument_bytes == state + video + 2 * 4
-  assert train.stats.alias_bytes == state
+  assert sharded + video <= train.stats.argument_bytes
+  assert sharded <= train.stats.alias_bytes <= train.stats.argument_bytes - video
+  # The largest parameter is split over the 'fsdp' axis in the compiled program: half on a chip.
+  state_shardings, _ = train.stats.compiled.input_shardings[0]
+  leaves = jax.tree.leaves(s.abstract_state.params)
+  shards = jax.tree.leaves(state_shardings.params)
+  largest = max(range(len(leaves)), key=lambda i: leaves[i].size)
+  shard_shape = shards[largest].shard_shape(leaves[largest].shape)
+  assert np.prod(shard_shape) * 2 == leaves[largest].size, (leaves[largest].shape, shard_shape)
   chosen = aggregation.resolve_fa_impl(fa_impl, 'tpu')
   for step in (train, evaluation):
     hlo = step.stats.compiled.as_text()
