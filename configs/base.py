@@ -57,7 +57,9 @@ def get_base_config(dataset: str = 'k400') -> ml_collections.ConfigDict:
   c.model.remat = 'none'           # recomputed in the backward pass to save memory: 'none',
                                    # 'block' (each bottleneck / Swin block), 'dtf' (DTF blocks)
   c.model.fa_impl = 'auto'         # DTF frame-wise aggregation: 'scan', 'xla', 'pallas' or
-                                   # 'auto' (per backend; dtf_jax/layers/aggregation.py)
+                                   # 'auto' (per platform; dtf_jax/layers/aggregation.py)
+  c.model.spectral_impl = 'auto'   # DTF time DFTs: 'direct', 'matmul', 'fft' or 'auto' (per
+                                   # platform and clip steps; dtf_jax/layers/spectral.py)
   # Any other create_model argument may be added by a config (e.g. early_stride, width).
   c.compute_dtype = 'bfloat16'     # activations; parameters and optimizer state stay float32
 

@@ -84,6 +84,8 @@ def _eqn_macs(eqn, scope: str):
     (lhs_contract, _), _ = eqn.params['dimension_numbers']
     macs = _size(eqn.outvars[0].aval) * int(np.prod([lhs.shape[d] for d in lhs_contract]))
     macs *= _complex_factor(lhs, rhs)
+    if DFT_SCOPE in scope:  # the time DFT as a matmul: 2 n (n//2 + 1) per transform, as direct
+      return 'dtf_fft', macs
     if MIXING_SCOPE in scope:
       return 'dtf_mixing', macs
     if BASELINE_SCOPE in scope:
@@ -114,9 +116,17 @@ def _eqn_macs(eqn, scope: str):
 
 def _walk(jaxpr, scope: str, totals: Dict[str, int], repeat: int = 1):
   """Adds the MACs of ``jaxpr`` (run ``repeat`` times) to ``totals``; recurses into sub-jaxprs
-  (jit, custom_vjp, scan bodies times their length, ...)."""
+  (jit, custom_vjp, scan bodies times their length, the costliest branch of a cond, ...)."""
   for eqn in jaxpr.eqns:
     eqn_scope = f'{scope}/{eqn.source_info.name_stack}'
+    if eqn.primitive.name == 'cond':  # alternatives (e.g. per platform): the costliest one
+      options = []
+      for branch in eqn.params['branches']:
+        option = collections.Counter()
+        _walk(branch.jaxpr, eqn_scope, option, repeat)
+        options.append(option)
+      totals.update(max(options, key=lambda o: sum(o.values())))
+      continue
     counted = _eqn_macs(eqn, eqn_scope)
     if counted:
       totals[counted[0]] += repeat * counted[1]

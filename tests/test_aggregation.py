@@ -163,6 +163,7 @@ def test_auto_choice_and_errors():
 
 
 _SHARDED_CHILD = r'''
+import contextlib
 import json
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
@@ -172,25 +173,27 @@ x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 4, 5, 6, 8)), jnp.float
 loss = lambda impl: lambda v: jnp.sum(frame_wise_aggregation(v, 3, impl)[0] ** 2)
 ref = frame_wise_aggregation(x, 3, 'xla') + (jax.grad(loss('xla'))(x),)
 results = {}
-for kind in (AxisType.Explicit, AxisType.Auto):
+for kind, set_mesh in ((AxisType.Explicit, False), (AxisType.Auto, False), (AxisType.Auto, True)):
   mesh = jax.make_mesh((4, 2), ('data', 'fsdp'), axis_types=(kind, kind))
   xs = jax.device_put(x, NamedSharding(mesh, P(('data', 'fsdp'))))
   fwd = jax.jit(lambda v: frame_wise_aggregation(v, 3, 'pallas'))
   grad = jax.jit(jax.grad(loss('pallas')))
-  got = fwd(xs) + (grad(xs),)
-  hlo = fwd.lower(xs).compile().as_text() + grad.lower(xs).compile().as_text()
-  results[str(kind)] = dict(
+  with jax.set_mesh(mesh) if set_mesh else contextlib.nullcontext():
+    got = fwd(xs) + (grad(xs),)
+    hlo = fwd.lower(xs).compile().as_text() + grad.lower(xs).compile().as_text()
+  results[str(kind) + (' set_mesh' if set_mesh else '')] = dict(
       error=max(float(jnp.abs(a - b).max()) for a, b in zip(got, ref)),
       batch_sharded=all(len(g.sharding.device_set) == 8 and g.addressable_shards[0].data.shape[0] == 1
                         for g in got),
-      gathers=hlo.count('all-gather'))
+      gathers=hlo.count('all-gather'), shard_map='shard_map' in hlo)
 print('RESULTS', json.dumps(results))
 '''
 
 
 def test_pallas_runs_per_batch_shard():
-  """On 8 (fake) CPU devices, batch-sharded input, Explicit and Auto mesh axes: the kernel runs
-  on each device's videos (no all-gather in the forward or the gradient), with the single-device
+  """On 8 (fake) CPU devices, batch-sharded input, Explicit and Auto mesh axes (Auto with and
+  without ``jax.set_mesh``, as the trainer and as a library user may call it): the kernel runs on
+  each device's videos (no all-gather in the forward or the gradient), with the single-device
   values. A fresh process, since the device count is fixed when JAX starts."""
   import json
   import os
@@ -203,6 +206,10 @@ def test_pallas_runs_per_batch_shard():
                         capture_output=True, text=True, timeout=300)
   lines = [l for l in proc.stdout.splitlines() if l.startswith('RESULTS ')]
   assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-4000:]
-  for kind, result in json.loads(lines[-1][len('RESULTS '):]).items():
+  results = json.loads(lines[-1][len('RESULTS '):])
+  assert len(results) == 3, results
+  for kind, result in results.items():
     assert result['error'] < 1e-5, (kind, result)
     assert result['batch_sharded'] and result['gathers'] == 0, (kind, result)
+  # shard_map where the mesh is known while tracing (the TPU route); custom partitioning else.
+  assert [r['shard_map'] for r in results.values()] == [True, False, True], results

@@ -16,7 +16,7 @@ import pytest
 
 from dtf_jax.layers.aggregation import frame_aggregation, frame_correlation
 from dtf_jax.layers.dtf import DTFBlock
-from dtf_jax.layers.spectral import DFT_SCOPE, irfft_time, rfft_time
+from dtf_jax.layers.spectral import DFT_SCOPE, irfft_time, resolve_spectral_impl, rfft_time
 from dtf_jax.models import create_model
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -110,11 +110,12 @@ def test_block_matches_numpy_reference_eval(time, height, width, group_factor):
   np.testing.assert_allclose(np.asarray(y), ref, atol=ATOL, rtol=RTOL)
 
 
-@pytest.mark.parametrize('time,fa_impl', [(4, 'auto'), (5, 'auto'), (8, 'auto'),
-                                          (5, 'xla'), (5, 'pallas')])
-def test_block_matches_numpy_reference_train(time, fa_impl):
+@pytest.mark.parametrize('time,fa_impl,spectral_impl', [
+    (4, 'auto', 'auto'), (5, 'auto', 'auto'), (8, 'auto', 'auto'), (5, 'xla', 'auto'),
+    (5, 'pallas', 'auto'), (8, 'auto', 'matmul'), (5, 'auto', 'matmul'), (5, 'auto', 'fft')])
+def test_block_matches_numpy_reference_train(time, fa_impl, spectral_impl):
   x = _random_input((2, time, 6, 5, 16), seed=100 + time)
-  block = DTFBlock(fa_impl=fa_impl)
+  block = DTFBlock(fa_impl=fa_impl, spectral_impl=spectral_impl)
   variables = _random_variables(block, x, seed=200 + time)
   y, updates = _train(block, variables, x)
   ref, ref_mean, ref_var = dtf_block_numpy(_to_official(x), **_numpy_args(variables), train=True)
@@ -399,33 +400,50 @@ def test_indivisible_channels_raise(channels, time, ok):
 # ---------------------------------------------------------------------------
 
 
+SPECTRAL = ('direct', 'matmul', 'fft')
+
+
+@pytest.mark.parametrize('impl', SPECTRAL)
 @pytest.mark.parametrize('n', [1, 2, 4, 5, 8, 16])
-def test_time_dft_equals_jnp_fft_ortho(n):
-  """rfft_time / irfft_time equal jnp.fft.rfft / irfft (norm='ortho', axis 1), including the
-  irfft convention of ignoring the imaginary parts of the DC and Nyquist bins. Tolerance: 1e-5
-  absolute on O(1) values (float32)."""
+def test_time_dft_equals_numpy_fft_ortho(n, impl):
+  """rfft_time / irfft_time, each implementation, equal NumPy's float64 rfft / irfft
+  (norm='ortho', axis 1), including the irfft convention of ignoring the imaginary parts of the DC
+  and Nyquist bins. Tolerance: 1e-5 absolute on O(1) values (float32)."""
   rng = np.random.default_rng(n)
-  x = jnp.asarray(rng.normal(size=(2, n, 3, 4, 5)), jnp.float32)
-  re, im = rfft_time(x)
-  ref = jnp.fft.rfft(x, axis=1, norm='ortho')
+  x = rng.normal(size=(2, n, 3, 4, 5))
+  re, im = rfft_time(jnp.asarray(x, jnp.float32), impl)
+  ref = np.fft.rfft(x, axis=1, norm='ortho')
   np.testing.assert_allclose(re, ref.real, atol=1e-5)
   np.testing.assert_allclose(im, ref.imag, atol=1e-5)
   bins = n // 2 + 1
-  a = jnp.asarray(rng.normal(size=(2, bins, 3, 4, 5)), jnp.float32)
-  b = jnp.asarray(rng.normal(size=(2, bins, 3, 4, 5)), jnp.float32)  # DC/Nyquist imag != 0
-  np.testing.assert_allclose(irfft_time(a, b, n),
-                             jnp.fft.irfft(a + 1j * b, n=n, axis=1, norm='ortho'), atol=1e-5)
+  a, b = rng.normal(size=(2, 2, bins, 3, 4, 5))  # DC/Nyquist imag != 0
+  np.testing.assert_allclose(
+      irfft_time(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32), n, impl),
+      np.fft.irfft(a + 1j * b, n=n, axis=1, norm='ortho'), atol=1e-5)
 
 
-def test_time_dft_gradients_equal_jnp_fft_gradients():
-  """The hand-written VJPs (transposed transforms) equal autodiff through jnp.fft (1e-5)."""
+def test_spectral_impl_auto_and_names():
+  """'auto' is the direct form on CPU and GPU, the matmul on TPU from 8 time steps (measured);
+  an unknown name is refused, naming the choices."""
+  assert [resolve_spectral_impl('auto', 'cpu', n) for n in (4, 16)] == ['direct'] * 2
+  assert [resolve_spectral_impl('auto', 'tpu', n) for n in (4, 7, 8, 16)] == [
+      'direct', 'direct', 'matmul', 'matmul']
+  assert resolve_spectral_impl('fft', 'tpu', 4) == 'fft'
+  with pytest.raises(ValueError, match="spectral_impl='dft'.*'matmul'"):
+    rfft_time(jnp.zeros((1, 4, 2)), 'dft')
+
+
+@pytest.mark.parametrize('impl', ['direct', 'matmul'])
+def test_time_dft_gradients_equal_jnp_fft_gradients(impl):
+  """The gradients (hand-written VJPs of the direct form, autodiff of the matmul) equal autodiff
+  through jnp.fft (1e-5)."""
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(2, 6, 3, 3, 4)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(2, 4, 3, 3, 4)), jnp.float32)
 
   def ours(v):
-    re, im = rfft_time(v)
-    return jnp.sum(jnp.sin(irfft_time(re * w, im * w + re, 6)) * v)
+    re, im = rfft_time(v, impl)
+    return jnp.sum(jnp.sin(irfft_time(re * w, im * w + re, 6, impl)) * v)
 
   def reference(v):
     s = jnp.fft.rfft(v, axis=1, norm='ortho')

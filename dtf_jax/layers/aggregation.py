@@ -20,9 +20,8 @@ The implementations (``fa_impl``) compute the same values:
 
 ``'auto'`` picks per platform from :data:`AUTO_FA_IMPL`, what was measured best there. The
 platform is the one the program is compiled for, not JAX's default backend (a TPU program
-compiled ahead of time on a CPU host gets the TPU's choice, and the Pallas kernel its TPU form):
-where the choices differ, each is staged out with ``jax.lax.platform_dependent`` and lowering
-keeps the one of the target platform.
+compiled ahead of time on a CPU host gets the TPU's choice, and the Pallas kernel its TPU form;
+see ``dtf_jax.layers.platform``).
 """
 
 import functools
@@ -30,6 +29,8 @@ import functools
 import einops
 import jax
 import jax.numpy as jnp
+
+from dtf_jax.layers.platform import per_platform
 
 # Multiply-adds under this scope are elementwise ones that the FLOP counter should see
 # (see dtf_jax/flops.py); plain elementwise ops elsewhere are not counted.
@@ -40,10 +41,6 @@ FA_IMPLS = ('auto', 'scan', 'xla', 'pallas')
 # program's bytes accessed, model_info / benchmark_model --target, README). The GPU keeps the
 # scan until experiments/gpu_benchmarks.sh has compared the implementations there.
 AUTO_FA_IMPL = {'cpu': 'scan', 'gpu': 'scan', 'tpu': 'scan'}
-# JAX's lowering platforms and the AUTO_FA_IMPL / PALLAS_TILING key of each.
-PLATFORMS = {'cpu': 'cpu', 'cuda': 'gpu', 'rocm': 'gpu', 'tpu': 'tpu'}
-
-
 def resolve_fa_impl(impl: str, backend: str = None) -> str:
   """``impl`` with ``'auto'`` replaced by the choice for ``backend`` ('cpu', 'gpu', 'tpu';
   default: JAX's)."""
@@ -52,20 +49,6 @@ def resolve_fa_impl(impl: str, backend: str = None) -> str:
   if impl != 'auto':
     return impl
   return AUTO_FA_IMPL.get(backend or jax.default_backend(), 'scan')
-
-
-def per_platform(x, choice, run):
-  """``run(choice(kind), x)`` for the platform the program is lowered for: ``choice`` maps
-  'cpu' / 'gpu' / 'tpu' to a hashable option; where the options differ, each is traced and
-  ``jax.lax.platform_dependent`` keeps the target's at lowering."""
-  options = {platform: choice(kind) for platform, kind in PLATFORMS.items()}
-  if len(set(options.values())) == 1:
-    return run(options['cpu'], x)
-  branches = {}  # one branch per distinct option (platform_dependent joins identical ones)
-  for option in options.values():
-    branches.setdefault(option, functools.partial(run, option))
-  return jax.lax.platform_dependent(
-      x, **{platform: branches[option] for platform, option in options.items()})
 
 
 def pad_space(x, kernel_size: int):
@@ -263,4 +246,4 @@ def frame_wise_aggregation(x, kernel_size: int, impl: str = 'auto'):
   def choice(kind):
     chosen = resolve_fa_impl(impl, kind)
     return chosen, kind if chosen == 'pallas' else None
-  return per_platform(x, choice, run)
+  return per_platform(choice, run, x)

@@ -8,7 +8,7 @@ expansion factor. The semantics are those of the official implementation (see SP
    neighbourhood in the same frame, using frame ``max(t - 1, 0)`` as the query; softmax over the
    neighbourhood; attention-weighted aggregation; the aggregate of frame ``t + 1`` is added to frame
    ``t`` (the last frame gets nothing);
-2. ``rfft`` along time (orthonormal, float32; a direct DFT, see ``spectral.py``);
+2. ``rfft`` along time (orthonormal, float32; direct, as a matmul or ``jnp.fft``: ``spectral.py``);
 3. a grouped 1x1 filter estimator on ``[features, correlation]`` with time folded into channels,
    expanded ``G``-fold in place to a complex filter per channel, bin and location;
 4. complex modulation, complex channel mixing, batch norm of the spectrum (real and imaginary
@@ -41,13 +41,14 @@ FILTER_NAME = 'frequency_filter'
 
 
 def expand_filter(g, channels: int, num_bins: int, group_factor: int):
-  """Expands the estimator output ``B H W (C*F*2/G)`` to the filter ``B F H W C 2`` (real, imag).
+  """Expands the estimator output ``B H W (C*F*2/G)`` to the filter ``2 B F H W C`` (real, imag).
 
   Each estimator channel is repeated ``G`` times in place (the official ordering), so
-  ``filter[b, f, h, w, c, r] = g[b, h, w, (c*2F + 2f + r) // G]``.
+  ``filter[r, b, f, h, w, c] = g[b, h, w, (c*2F + 2f + r) // G]``. Real and imaginary parts are
+  the major axis: a minor axis of 2 would be padded to a whole TPU tile.
   """
   full = einops.repeat(g, 'b h w o -> b h w (o g)', g=group_factor)
-  return einops.rearrange(full, 'b h w (c f r) -> b f h w c r', c=channels, f=num_bins, r=2)
+  return einops.rearrange(full, 'b h w (c f r) -> r b f h w c', c=channels, f=num_bins, r=2)
 
 
 def modulate(s_re, s_im, f_re, f_im):
@@ -68,15 +69,16 @@ def all_pass_filter(_, shape, dtype=jnp.float32):
 def complex_mixing(real, imag, kernel):
   """Complex channel mixing ``(real + i imag) @ (kernel[0] + i kernel[1])`` as ONE real matmul.
 
-  ``real, imag: ... C_in``, ``kernel: 2 C_in C_out`` -> ``... 2 C_out`` (real, imag). The input
-  ``[real, imag]`` times ``[[Wr, Wi], [-Wi, Wr]]`` is 4 real multiply-adds per complex one.
+  ``real, imag: ... C_in``, ``kernel: 2 C_in C_out`` -> ``2 ... C_out`` (real, imag: the major
+  axis). The input ``[real, imag]`` times ``[[Wr, Wi], [-Wi, Wr]]`` is 4 real multiply-adds per
+  complex one; float32 products (``Precision.HIGHEST``; a TPU would round them to bfloat16).
   """
   wr, wi = kernel[0], kernel[1]
-  block = jnp.concatenate([jnp.concatenate([wr, wi], axis=1),
-                           jnp.concatenate([-wi, wr], axis=1)], axis=0)
+  block = jnp.stack([jnp.concatenate([wr, -wi], axis=0),
+                     jnp.concatenate([wi, wr], axis=0)], axis=1)  # 2C_in, 2 (re, im), C_out
   with jax.named_scope(MIXING_SCOPE):
-    out = jnp.concatenate([real, imag], axis=-1) @ block
-  return out.reshape(out.shape[:-1] + (2, kernel.shape[-1]))
+    return jnp.einsum('...k,kro->r...o', jnp.concatenate([real, imag], axis=-1), block,
+                      precision=jax.lax.Precision.HIGHEST)
 
 
 class DTFBlock(nn.Module):
@@ -88,8 +90,10 @@ class DTFBlock(nn.Module):
     dtype: compute dtype of the spatial part; the spectral part (DFTs, modulation, mixing, norm)
       always runs in float32.
     fa_impl: implementation of the frame-wise aggregation, one of
-      ``dtf_jax.layers.aggregation.FA_IMPLS`` (same values; ``'auto'`` picks per backend). The
+      ``dtf_jax.layers.aggregation.FA_IMPLS`` (same values; ``'auto'`` picks per platform). The
       correlation alone (``aggregation=False, correlation=True``) always runs as ``'scan'``.
+    spectral_impl: implementation of the time DFTs, one of
+      ``dtf_jax.layers.spectral.SPECTRAL_IMPLS`` (same values; ``'auto'`` picks per platform).
     aggregation: apply the frame-wise aggregation; if False the spectrum and the estimator's
       features are those of the block input.
     correlation: feed the correlation map to the filter estimator (its kernel then has
@@ -102,6 +106,7 @@ class DTFBlock(nn.Module):
   group_factor: int = 16
   dtype: Any = jnp.float32
   fa_impl: str = 'auto'
+  spectral_impl: str = 'auto'
   aggregation: bool = True
   correlation: bool = True
   fixed_filter: bool = False
@@ -128,7 +133,7 @@ class DTFBlock(nn.Module):
       corr = frame_correlation(x, self.kernel_size) if use_corr else None
 
     # 2. Spectrum along time.
-    s_re, s_im = rfft_time(aggregated)  # float32
+    s_re, s_im = rfft_time(aggregated, self.spectral_impl)  # float32
 
     # 3. Filter: estimated per location by a 1x1 conv over (time x [features, correlation]), or
     # static per bin and channel.
@@ -141,8 +146,7 @@ class DTFBlock(nn.Module):
       g = jnp.einsum('bthwc,tco->bhwo', aggregated, kernel[:, :channels])
       if use_corr:
         g = g + jnp.einsum('bthwk,tko->bhwo', corr.astype(self.dtype), kernel[:, channels:])
-      filt = expand_filter(g.astype(jnp.float32), channels, bins, self.group_factor)
-      f_re, f_im = filt[..., 0], filt[..., 1]
+      f_re, f_im = expand_filter(g.astype(jnp.float32), channels, bins, self.group_factor)
     else:
       filt = self.param('static_filter', all_pass_filter, (bins, channels, 2), jnp.float32)
       f_re, f_im = filt[:, None, None, :, 0], filt[:, None, None, :, 1]  # F 1 1 C
@@ -156,11 +160,11 @@ class DTFBlock(nn.Module):
     m_re, m_im = modulate(s_re, s_im, f_re, f_im)
     mix = self.param('mix_kernel', nn.initializers.normal(0.02), (2, channels, channels),
                      jnp.float32)
-    parts = complex_mixing(m_re, m_im, mix)  # B F H W 2 C
+    parts = complex_mixing(m_re, m_im, mix)  # 2 B F H W C
     parts = BatchNorm(use_affine=False, dtype=jnp.float32, name='spectrum_norm')(parts, train)
     alpha = self.param('alpha', nn.initializers.zeros, (channels,), jnp.float32)
 
     # 5. Back to time, residual.
-    out = irfft_time(parts[..., 0, :] * alpha, parts[..., 1, :] * alpha, time)
+    out = irfft_time(parts[0] * alpha, parts[1] * alpha, time, self.spectral_impl)
     bias = self.param('bias', nn.initializers.zeros, (channels,), jnp.float32)
     return (x.astype(jnp.float32) + out + bias).astype(self.dtype)

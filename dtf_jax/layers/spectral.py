@@ -1,15 +1,24 @@
-"""Orthonormal real DFT along the time axis (axis 1), computed directly.
+"""Orthonormal real DFT along the time axis (axis 1), in three implementations.
 
 ``rfft_time(x)`` equals ``jnp.fft.rfft(x, axis=1, norm='ortho')`` and ``irfft_time(re, im, n)``
 equals ``jnp.fft.irfft(re + 1j * im, n, axis=1, norm='ortho')`` (the imaginary parts of the DC and
-Nyquist bins are ignored, as ``irfft`` does). The DTF time axes are short (``T = clip_length //
-early_stride``, 4 to 16), where the direct transform, written as ``T x (T//2 + 1)`` fused
-multiply-adds over whole feature maps, is several times faster than XLA's FFT (which also needs
-the time axis moved to the end and back). Both run in float32. Their gradients are the transposed
-transforms (hand-written, so the backward pass is as cheap as the forward). XLA fuses the direct
-form into one pass per transform; the same transforms as matmuls with ``T x 2F`` DFT matrices
-(measured, rfft then irfft of 2x8x28x28x128, XLA:CPU) read and write twice as much (11 vs 5.5
-feature-map passes forward, 20 vs 11 with the gradient) and take longer (gradient 22 vs 16 ms).
+Nyquist bins are ignored, as ``irfft`` does). All run in float32. ``impl`` (``SPECTRAL_IMPLS``):
+
+- ``'direct'``: ``T x (T//2 + 1)`` fused multiply-adds over whole feature maps, with hand-written
+  gradients (the transposed transforms). The DTF time axes are short (``T = clip_length //
+  early_stride``, 4 to 16): on XLA:CPU this is several times faster than XLA's FFT, and XLA fuses
+  it into one pass per transform; the same transforms as matmuls (measured, rfft then irfft of
+  2x8x28x28x128, XLA:CPU) read and write twice as much (11 vs 5.5 feature-map passes forward, 20
+  vs 11 with the gradient) and take longer (gradient 22 vs 16 ms).
+- ``'matmul'``: one matmul per transform with the ``T x 2F`` (``2F x T``) DFT matrix, contracting
+  the time axis of ``B T (H W C)`` (a major axis: no transposed copy), float32 products
+  (``Precision.HIGHEST``: a TPU would otherwise round the products to bfloat16). The TPU
+  compiler turns the direct form at ``T = 16`` into one pass over the float32 map per (bin,
+  real/imaginary); the matmul reads the map once.
+- ``'fft'``: ``jnp.fft`` (the block's specification).
+
+``'auto'`` picks per platform from :data:`AUTO_SPECTRAL_IMPL` (what was measured best there; the
+platform the program is compiled for, see ``dtf_jax.layers.platform``).
 
 Shapes: ``x: B T ...`` real -> ``re, im: B F ...`` with ``F = T // 2 + 1``.
 """
@@ -20,8 +29,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Multiplies under this scope are the DFT's (counted as 'dtf_fft' by dtf_jax.flops).
+from dtf_jax.layers.platform import per_platform
+
+# Multiplies and matmuls under this scope are the DFT's (counted as 'dtf_fft' by dtf_jax.flops).
 DFT_SCOPE = 'time_dft'
+SPECTRAL_IMPLS = ('auto', 'direct', 'matmul', 'fft')
+# What 'auto' runs, per platform: (for T < LONG_TIME, for T >= LONG_TIME). CPU: measured (above).
+# TPU: the compiled DTF block's bytes accessed (v5e, bfloat16, batch 4): at T = 4 (56x56x64) the
+# direct form moves 1.05 GB forward / 2.86 GB with the gradient, the matmul 1.20 / 3.16; at T = 8
+# (28x28x128) 0.97 vs 0.77 forward; at T = 16 2.48 / 4.29 vs 1.57 / 3.56; jnp.fft 1.76 (T = 4)
+# and 1.98 (T = 16) forward. The GPU keeps the direct form until measured there.
+AUTO_SPECTRAL_IMPL = {'cpu': ('direct', 'direct'), 'gpu': ('direct', 'direct'),
+                      'tpu': ('direct', 'matmul')}
+LONG_TIME = 8
+
+
+def resolve_spectral_impl(impl: str, kind: str, n: int) -> str:
+  """``impl`` with ``'auto'`` replaced by the choice for ``kind`` ('cpu', 'gpu', 'tpu') and a
+  time axis of ``n`` samples."""
+  if impl not in SPECTRAL_IMPLS:
+    raise ValueError(f'spectral_impl={impl!r} is not one of {SPECTRAL_IMPLS}.')
+  if impl != 'auto':
+    return impl
+  return AUTO_SPECTRAL_IMPL.get(kind, AUTO_SPECTRAL_IMPL['cpu'])[n >= LONG_TIME]
 
 
 @functools.lru_cache(maxsize=None)
@@ -77,13 +107,47 @@ def _dft_bwd(kind, n, _, cotangents):
 _dft.defvjp(_dft_fwd, _dft_bwd)
 
 
-def rfft_time(x):
-  """``B T ... -> (re, im)``, each ``B (T//2+1) ...``, float32; orthonormal."""
-  re, im = _dft((x.astype(jnp.float32),), 'rfft', x.shape[1])
-  return re, im
+def _matmul(x, matrix):
+  """``out[b, q, ...] = sum_p matrix[p, q] x[b, p, ...]`` in float32 (``B P ... -> B Q ...``)."""
+  with jax.named_scope(DFT_SCOPE):
+    out = jnp.einsum('bps,pq->bqs', x.reshape(x.shape[:2] + (-1,)),
+                     jnp.asarray(matrix, jnp.float32), precision=jax.lax.Precision.HIGHEST)
+  return out.reshape(out.shape[:2] + x.shape[2:])
 
 
-def irfft_time(re, im, n: int):
-  """``(re, im)``, each ``B (n//2+1) ...`` -> ``B n ...`` float32; orthonormal."""
-  (out,) = _dft((re.astype(jnp.float32), im.astype(jnp.float32)), 'irfft', n)
+def _rfft(impl, x):
+  n, bins = x.shape[1], x.shape[1] // 2 + 1
+  if impl == 'fft':
+    spectrum = jnp.fft.rfft(x, axis=1, norm='ortho')
+    return jnp.real(spectrum), jnp.imag(spectrum)
+  if impl == 'matmul':
+    (cos, minus_sin), = dft_matrices('rfft', n)
+    out = _matmul(x, np.concatenate([cos, minus_sin], axis=1))
+    return out[:, :bins], out[:, bins:]
+  return _dft((x,), 'rfft', n)
+
+
+def _irfft(impl, re, im, n):
+  if impl == 'fft':
+    return jnp.fft.irfft(jax.lax.complex(re, im), n, axis=1, norm='ortho')
+  if impl == 'matmul':
+    (real,), (imag,) = dft_matrices('irfft', n)
+    return _matmul(jnp.concatenate([re, im], axis=1), np.concatenate([real, imag], axis=0))
+  (out,) = _dft((re, im), 'irfft', n)
   return out
+
+
+def rfft_time(x, impl: str = 'auto'):
+  """``B T ... -> (re, im)``, each ``B (T//2+1) ...``, float32; orthonormal."""
+  n = x.shape[1]
+  resolve_spectral_impl(impl, 'cpu', n)  # checks the name
+  return per_platform(lambda kind: resolve_spectral_impl(impl, kind, n), _rfft,
+                      x.astype(jnp.float32))
+
+
+def irfft_time(re, im, n: int, impl: str = 'auto'):
+  """``(re, im)``, each ``B (n//2+1) ...`` -> ``B n ...`` float32; orthonormal."""
+  resolve_spectral_impl(impl, 'cpu', n)
+  return per_platform(lambda kind: resolve_spectral_impl(impl, kind, n),
+                      functools.partial(_irfft, n=n), re.astype(jnp.float32),
+                      im.astype(jnp.float32))

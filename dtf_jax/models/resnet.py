@@ -31,6 +31,7 @@ class Bottleneck(nn.Module):
   drop_path_rate: float
   dtype: Any
   fa_impl: str = 'auto'
+  spectral_impl: str = 'auto'
   remat: str = 'none'  # 'dtf': the temporal module is rematerialised (see ResNet)
 
   @nn.compact
@@ -43,7 +44,7 @@ class Bottleneck(nn.Module):
     out = nn.relu(norm('bn1')(conv(self.planes, 1, 1, 'conv1')(x), train))
     out = conv(self.planes, 3, self.stride, 'conv2')(out)
     temporal = make_temporal_remat(self.temporal, self.remat, dtype=self.dtype, name='temporal',
-                                   fa_impl=self.fa_impl)
+                                   fa_impl=self.fa_impl, spectral_impl=self.spectral_impl)
     if temporal is not None:
       out = temporal(out, train)
     out = nn.relu(norm('bn2')(out, train))
@@ -74,6 +75,8 @@ class ResNet(nn.Module):
     dtype: compute dtype (parameters stay float32).
     fa_impl: implementation of the DTF block's frame-wise aggregation (``'auto'``, ``'scan'``,
       ``'xla'``, ``'pallas'``; see ``dtf_jax.layers.aggregation``); the same values in each.
+    spectral_impl: implementation of the DTF block's time DFTs (``'auto'``, ``'direct'``,
+      ``'matmul'``, ``'fft'``; see ``dtf_jax.layers.spectral``); the same values in each.
     remat: what the backward pass recomputes instead of keeping from the forward pass
       (``dtf_jax.models.common.REMAT_OPTIONS``): ``'none'``, ``'block'`` (each bottleneck) or
       ``'dtf'`` (each temporal module). Same values, gradients and variable names in each.
@@ -89,6 +92,7 @@ class ResNet(nn.Module):
   drop_path_rate: float = 0.0
   dtype: Any = jnp.float32
   fa_impl: str = 'auto'
+  spectral_impl: str = 'auto'
   remat: str = 'none'
 
   @nn.compact
@@ -128,6 +132,7 @@ class ResNet(nn.Module):
             drop_path_rate=self.drop_path_rate * index / max(num_blocks - 1, 1),
             dtype=self.dtype,
             fa_impl=self.fa_impl,
+            spectral_impl=self.spectral_impl,
             remat=self.remat,
             name=f'stage{s + 1}_block{b}')(x, train)
         index += 1

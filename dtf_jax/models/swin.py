@@ -109,6 +109,7 @@ class SwinBlock(nn.Module):
   drop_path_rate: float
   dtype: Any
   fa_impl: str = 'auto'
+  spectral_impl: str = 'auto'
   remat: str = 'none'  # 'dtf': the temporal module is rematerialised (see SwinTransformer)
 
   @nn.compact
@@ -130,7 +131,7 @@ class SwinBlock(nn.Module):
     x = x + drop_path(y, train)
 
     temporal = make_temporal_remat(self.temporal, self.remat, dtype=self.dtype, name='temporal',
-                                   fa_impl=self.fa_impl)
+                                   fa_impl=self.fa_impl, spectral_impl=self.spectral_impl)
     if temporal is not None:
       x = einops.rearrange(x, '(b t) h w c -> b t h w c', t=self.clip_steps)
       x = einops.rearrange(temporal(x, train), 'b t h w c -> (b t) h w c')
@@ -178,6 +179,8 @@ class SwinTransformer(nn.Module):
     dtype: compute dtype (parameters stay float32).
     fa_impl: implementation of the DTF block's frame-wise aggregation (``'auto'``, ``'scan'``,
       ``'xla'``, ``'pallas'``; see ``dtf_jax.layers.aggregation``); the same values in each.
+    spectral_impl: implementation of the DTF block's time DFTs (``'auto'``, ``'direct'``,
+      ``'matmul'``, ``'fft'``; see ``dtf_jax.layers.spectral``); the same values in each.
     remat: what the backward pass recomputes instead of keeping from the forward pass
       (``dtf_jax.models.common.REMAT_OPTIONS``): ``'none'``, ``'block'`` (each Swin block) or
       ``'dtf'`` (each temporal module). Same values, gradients and variable names in each.
@@ -198,6 +201,7 @@ class SwinTransformer(nn.Module):
   drop_path_rate: float = 0.5
   dtype: Any = jnp.float32
   fa_impl: str = 'auto'
+  spectral_impl: str = 'auto'
   remat: str = 'none'
 
   def check_image_size(self):
@@ -254,7 +258,8 @@ class SwinTransformer(nn.Module):
         x = block(num_heads=heads, window=window, shift=shift, clip_steps=steps,
                   temporal=self.temporal if shift == 0 else 'none',
                   mlp_ratio=self.mlp_ratio, drop_path_rate=float(rates[index]),
-                  dtype=self.dtype, fa_impl=self.fa_impl, remat=self.remat,
+                  dtype=self.dtype, fa_impl=self.fa_impl, spectral_impl=self.spectral_impl,
+                  remat=self.remat,
                   name=f'stage{s + 1}_block{b}')(x, train)
         index += 1
       if s < len(self.depths) - 1:
