@@ -80,7 +80,8 @@ def parse_args(argv=None):
                       help='untimed runs after compiling (2).')
   parser.add_argument('--repeats', type=positive, default=7,
                       help='timed runs; the median is shown (7).')
-  parser.add_argument('--no-backward', action='store_true', help='time the forward only.')
+  parser.add_argument('--no-backward', action='store_true',
+                      help='time (with --target: compile) the forward only.')
   parser.add_argument('--fa-impl', type=fa_impl_list, default=['auto'],
                       help="the DTF block's frame-wise aggregation implementation(s) of --model: "
                            f"one of {', '.join(FA_IMPLS)}, or several separated by commas, each "
@@ -221,11 +222,11 @@ def compile_for_target(args, specs):
                            **size_kwargs(name, args.size), **options)
       view = jnp.zeros((1, args.clip_length, args.size, args.size, 3), jnp.float32)
       shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), view))
-      results[label] = {
-          'forward': tpu_target.compile_stats(lower_forward(
-              model, shapes, args.batch, args.clip_length, args.size, mesh)),
-          'train step': tpu_target.compile_stats(lower_train_step(args, devices, model=name,
-                                                                  **options))}
+      results[label] = {'forward': tpu_target.compile_stats(lower_forward(
+          model, shapes, args.batch, args.clip_length, args.size, mesh))}
+      if not args.no_backward:
+        results[label]['train step'] = tpu_target.compile_stats(
+            lower_train_step(args, devices, model=name, **options))
     except ValueError as e:  # the model cannot be built, or cannot take --clip-length / --size
       flag = '--model' if name == args.model else '--compare'
       usage_error(f'{flag} {name} --clip-length {args.clip_length} --size {args.size}: {e}')
