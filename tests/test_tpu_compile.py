@@ -245,3 +245,28 @@ def test_train_and_eval_steps_compile_for_tpu_mesh(family, fa_impl):
   for step in (train, evaluation):
     hlo = step.stats.compiled.as_text()
     assert ('tpu_custom_call' in hlo) == (chosen == 'pallas'), (fa_impl, chosen)
+
+
+@tpu_compile
+@pytest.mark.parametrize('axis_type', ['explicit', 'auto'])
+@pytest.mark.parametrize('mesh_shape', [(2, 2), (4, 1)])
+def test_pallas_aggregation_compiles_per_shard_on_tpu_mesh(axis_type, mesh_shape):
+  """The Pallas frame-wise aggregation, forward and gradient, compiled for v5e:2x2 on a
+  ('data', 'fsdp') mesh of either shape, Explicit axes or Auto with the mesh set (as the trainer
+  runs): a Mosaic kernel on each chip's videos, no all-gather of the batch."""
+  from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+  devices = tpu_target.target_devices(tpu_target.parse_target(TARGET))
+  kind = AxisType.Explicit if axis_type == 'explicit' else AxisType.Auto
+  mesh = jax.make_mesh(mesh_shape, ('data', 'fsdp'), axis_types=(kind, kind), devices=devices)
+  x = jax.ShapeDtypeStruct((8, 4, 16, 16, 32), jax.numpy.bfloat16,
+                           sharding=NamedSharding(mesh, P(('data', 'fsdp'))))
+
+  def loss(v):
+    out, corr = aggregation.frame_wise_aggregation(v, 3, 'pallas')
+    return jax.numpy.sum(out.astype('float32') ** 2) + jax.numpy.sum(corr)
+  with jax.set_mesh(mesh):
+    hlo = ''.join(jax.jit(f).lower(x).compile().as_text()
+                  for f in (lambda v: aggregation.frame_wise_aggregation(v, 3, 'pallas'),
+                            jax.grad(loss)))
+  assert hlo.count('tpu_custom_call') >= 2  # the forward and the backward kernel
+  assert 'all-gather' not in hlo
