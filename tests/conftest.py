@@ -6,3 +6,8 @@ import os
 # on a host without TPU chips fails noisily and takes libtpu's lock file. The TPU compile tests
 # reach libtpu through dtf_jax.tpu_target, which needs neither.
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+
+def pytest_configure(config):
+  config.addinivalue_line('markers', 'tpu_compile: compiles for TPU topologies with libtpu (the '
+                          '[tpu] extra); skipped without it')

@@ -1,6 +1,6 @@
 """Compiling for TPU on this host (dtf_jax.tpu_target, the pod preflight, model tools' --target).
 
-The ``tpu_compile`` group compiles tiny DTF ResNet and DTF Swin train and eval steps for a v5e:2x2
+The ``tpu_compile`` group (``pytest -m tpu_compile``) compiles tiny DTF ResNet and DTF Swin train and eval steps for a v5e:2x2
 mesh with fsdp 2, once per ``fa_impl``, with the TPU compiler (libtpu, the ``[tpu]`` extra of the
 test install); where libtpu is missing those tests skip, saying so. The rest (target names, the
 roofline, the HLO byte report, the preflight's search for a step that fits) needs no libtpu.
@@ -18,7 +18,12 @@ from dtf_jax.train import preflight
 from dtf_jax.train.sharding import param_spec
 
 NO_LIBTPU = tpu_target.libtpu_available()
-tpu_compile = pytest.mark.skipif(NO_LIBTPU is not None, reason=str(NO_LIBTPU))
+
+
+def tpu_compile(test):
+  """The ``tpu_compile`` group (``pytest -m tpu_compile``): skipped, saying why, without libtpu."""
+  return pytest.mark.tpu_compile(pytest.mark.skipif(NO_LIBTPU is not None,
+                                                    reason=str(NO_LIBTPU))(test))
 TARGET = 'v5e:2x2'
 
 
