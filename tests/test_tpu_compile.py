@@ -253,12 +253,12 @@ def test_train_and_eval_steps_compile_for_tpu_mesh(family, fa_impl):
 
 
 @tpu_compile
-@pytest.mark.parametrize('axis_type', ['explicit', 'auto'])
-@pytest.mark.parametrize('mesh_shape', [(2, 2), (4, 1)])
+@pytest.mark.parametrize('axis_type,mesh_shape', [('explicit', (2, 2)), ('auto', (4, 1))])
 def test_pallas_aggregation_compiles_per_shard_on_tpu_mesh(axis_type, mesh_shape):
   """The Pallas frame-wise aggregation, forward and gradient, compiled for v5e:2x2 on a
-  ('data', 'fsdp') mesh of either shape, Explicit axes or Auto with the mesh set (as the trainer
-  runs): a Mosaic kernel on each chip's videos, no all-gather of the batch."""
+  ('data', 'fsdp') mesh: fsdp 2 with Explicit axes, fsdp 1 with Auto axes and the mesh set (as the
+  trainer runs; its fsdp-2 steps are compiled above): a Mosaic kernel on each chip's videos, no
+  all-gather of the batch."""
   from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
   devices = tpu_target.target_devices(tpu_target.parse_target(TARGET))
   kind = AxisType.Explicit if axis_type == 'explicit' else AxisType.Auto
