@@ -134,6 +134,9 @@ def test_preflight_names_the_first_variant_that_fits(monkeypatch, capsys):
   assert preflight.preflight(config, TARGET) == 0
   assert tried == [('train', 'none', 1), ('eval', 'none', 1)]
   assert 'both steps fit' in capsys.readouterr().out
+  # Accumulation stops where the micro-batch no longer splits over the chips (32 / 4 < 16).
+  assert [(c.model.remat, c.grad_accum_steps) for c in preflight.alternatives(config, 16)] == [
+      ('dtf', 1), ('block', 1), ('none', 2), ('dtf', 2), ('block', 2)]
 
 
 def test_compile_only_bad_target_is_one_line(tmp_path):

@@ -82,13 +82,14 @@ def eval_step_lowering(s: Setup):
   return lambda: _predict_fn(s).lower(variables, video)
 
 
-def alternatives(config) -> List[ml_collections.ConfigDict]:
+def alternatives(config, num_devices: int) -> List[ml_collections.ConfigDict]:
   """Train-step variants that use less memory, in the order tried: the other remat options at
-  the same accumulation, then 2, 4, 8, ... micro-batches (the same global batch) with each."""
+  the same accumulation, then 2, 4, 8, ... micro-batches (the same global batch) with each, while
+  the micro-batch still splits over the devices."""
   accum, current = config.grad_accum_steps, REMAT_BY_SAVING.index(config.model.remat)
   out = []
   for a in [accum * 2 ** i for i in range(6)]:
-    if config.batch_size % a:
+    if config.batch_size % a or (config.batch_size // a) % num_devices:
       break
     for remat in REMAT_BY_SAVING:
       if a == accum and REMAT_BY_SAVING.index(remat) <= current:
@@ -142,7 +143,7 @@ def preflight(config: ml_collections.ConfigDict, target_text: str, log=print) ->
     log('preflight: both steps fit')
     return 0
   if not results[0].fits(chip):
-    for variant in alternatives(config):
+    for variant in alternatives(config, len(devices)):
       r = _compile('train', variant, train_step_lowering(setup(variant, with_train_data=False,
                                                                devices=devices)))
       log(format_result(r, chip))
