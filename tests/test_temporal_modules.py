@@ -233,9 +233,9 @@ def test_dtf_switches(name, aggregated, kernel_rows, x, monkeypatch):
   kernel has ``C`` input rows per time step (``C + K2`` with the correlation)."""
   spectrum_inputs = []
 
-  def recording_rfft(v):
+  def recording_rfft(v, impl='auto'):
     spectrum_inputs.append(v)
-    return rfft_time(v)
+    return rfft_time(v, impl)
   monkeypatch.setattr(dtf_module, 'rfft_time', recording_rfft)
   module = _module(name)
   variables = _init(module, x)
