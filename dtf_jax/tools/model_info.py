@@ -26,7 +26,7 @@ ResNets, ``--dtf-stages 4`` (or ``1,2,3,4``) chooses the stages that carry it:
 compiles for that TPU instead of the default backend, on any host, with ``--batch`` clips per
 chip, and adds the compiled program's FLOPs, bytes accessed and roofline per chip:
 
-    python -m dtf_jax.tools.model_info --model dtf_r50 --dtype bfloat16 --batch 4 --train \
+    python -m dtf_jax.tools.model_info --model dtf_r50 --dtype bfloat16 --batch 4 --train \\
         --target v5e:1x1
 
 Memory is XLA's buffer assignment of the compiled program, per device (nothing is run):
@@ -41,7 +41,6 @@ remat (README, "Figures"): on CPU, read that line for remat, the peak for the re
 import argparse
 import os
 import sys
-import time
 
 import flax
 import jax
@@ -277,8 +276,9 @@ def main(argv=None):
     mem = report['memory']
     what = (f'train step, batch {args.batch} per device, remat {args.remat}' if args.train else
             f'forward, batch {args.batch}')
+    target = '' if args.target is None else f', TPU {args.target.name}, per chip'
     where = jax.default_backend() if args.target is None else f'TPU {args.target.name}, per chip'
-    print(f'XLA compile time ({what}, {where}): {report["compile_s"]:.1f} s')
+    print(f'XLA compile time ({what}{target}): {report["compile_s"]:.1f} s')
     if mem is not None:
       mib = lambda n: f'{n / 2**20:.1f}'  # noqa: E731
       print(f'XLA memory ({what}, {where}): peak {mib(peak_bytes(mem))} MiB = '
