@@ -129,7 +129,7 @@ def _compile_only(config, target: str) -> int:
     tpu_target.parse_target(target)
     train.validate_config(config)
   except ValueError as e:
-    _usage_error(str(e) if 'TPU target' in str(e) else f'{e}')
+    _usage_error(str(e))
   missing = tpu_target.libtpu_available()
   if missing:
     sys.exit(f'error: --compile_only={target}: {missing}')

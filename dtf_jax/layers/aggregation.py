@@ -42,6 +42,8 @@ FA_IMPLS = ('auto', 'scan', 'xla', 'pallas')
 # scan 1.05 GB, xla 1.05, pallas 1.02; with the gradient scan 2.86, pallas 3.35, xla 3.60. The
 # GPU keeps the scan until experiments/gpu_benchmarks.sh has compared the implementations there.
 AUTO_FA_IMPL = {'cpu': 'scan', 'gpu': 'scan', 'tpu': 'scan'}
+
+
 def resolve_fa_impl(impl: str, backend: str = None) -> str:
   """``impl`` with ``'auto'`` replaced by the choice for ``backend`` ('cpu', 'gpu', 'tpu';
   default: JAX's)."""

@@ -429,8 +429,8 @@ def _backward_call(x, g_out, g_corr, kernel_size, tiling, interpret):
         out_specs=[block(height, width, channels, this), block(height, width, channels, this)],
         # dq and dn in x's dtype: their double-buffered frame blocks are the kernel's largest
         # (float32 at 56x56x64 would not fit v4's 16 MiB of VMEM beside the inputs).
-        out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype)] * 2, scratch_shapes=[pltpu.VMEM((hp, wp, channels), jnp.float32)],
-        interpret=interpret,
+        out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype)] * 2,
+        scratch_shapes=[pltpu.VMEM((hp, wp, channels), jnp.float32)], interpret=interpret,
         name='dtf_frame_wise_aggregation_grad')(padded, padded, g_out, g_corr)
   # dq[s] goes to frame s (the query), dn[s] to frame s + 1 (the neighbours).
   grad = grad + dq + jnp.pad(dn[:, :-1], ((0, 0), (1, 0), (0, 0), (0, 0), (0, 0)))

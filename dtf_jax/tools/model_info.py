@@ -165,7 +165,7 @@ def lower_train_step(args, devices=None, model: str = None, **model_fields):
   only: nothing is allocated or run). ``devices``: the mesh's (default: JAX's)."""
   from configs import base  # pylint: disable=import-outside-toplevel
   from dtf_jax.train.config import setup  # pylint: disable=import-outside-toplevel
-  from dtf_jax.train.step import make_train_step  # pylint: disable=import-outside-toplevel
+  from dtf_jax.train.preflight import train_step_lowering  # pylint: disable=import-outside-toplevel
   model = model or args.model
   recipe = base.swin_config if model_spec(model).family == 'swin' else base.resnet_config
   config = recipe(model)
@@ -175,11 +175,7 @@ def lower_train_step(args, devices=None, model: str = None, **model_fields):
   for key, value in {**model_overrides(args), **model_fields}.items():
     config.model[key] = value
   config.batch_size = args.batch * (jax.device_count() if devices is None else len(devices))
-  s = setup(config, with_train_data=False, devices=devices)
-  batch = {'video': jax.ShapeDtypeStruct(
-               (config.batch_size, args.clip_length, args.size, args.size, 3), jnp.float32),
-           'label': jax.ShapeDtypeStruct((config.batch_size,), jnp.int32)}
-  return make_train_step(s).lower(s.abstract_state, batch)
+  return train_step_lowering(setup(config, with_train_data=False, devices=devices))()
 
 
 def lower_forward(model, variables, batch: int, clip_length: int, size: int, mesh=None):
@@ -214,12 +210,6 @@ def saved_activation_bytes(model, variables, video) -> int:
              if 'from the argument' not in where)
 
 
-def peak_bytes(memory) -> int:
-  """Arguments + temporaries + outputs - aliased, of XLA's ``compiled.memory_analysis()``."""
-  return (memory.argument_size_in_bytes + memory.temp_size_in_bytes +
-          memory.output_size_in_bytes - memory.alias_size_in_bytes)
-
-
 def describe(args) -> dict:
   """Computes the report as a dict (also used by tests)."""
   model = create_model(args.model, num_classes=args.num_classes, clip_length=args.clip_length,
@@ -242,10 +232,7 @@ def describe(args) -> dict:
       lowered = lower_train_step(args, devices)
     else:
       lowered = lower_forward(model, shapes, args.batch, args.clip_length, args.size, mesh)
-    stats = tpu_target.compile_stats(lowered)
-    report['compile_s'] = stats.compile_s
-    report['memory'] = stats.compiled.memory_analysis()
-    report['stats'] = stats
+    report['stats'] = tpu_target.compile_stats(lowered)
   return report
 
 
@@ -272,20 +259,18 @@ def main(argv=None):
   if 'saved_activations' in report:
     print(f'activations kept for the backward pass (batch {args.batch}, remat {args.remat}, from '
           f'the jaxpr): {report["saved_activations"] / 2**20:.2f} MiB')
-  if 'compile_s' in report:
-    mem = report['memory']
+  if 'stats' in report:
+    stats = report['stats']
     what = (f'train step, batch {args.batch} per device, remat {args.remat}' if args.train else
             f'forward, batch {args.batch}')
     target = '' if args.target is None else f', TPU {args.target.name}, per chip'
     where = jax.default_backend() if args.target is None else f'TPU {args.target.name}, per chip'
-    print(f'XLA compile time ({what}{target}): {report["compile_s"]:.1f} s')
-    if mem is not None:
-      mib = lambda n: f'{n / 2**20:.1f}'  # noqa: E731
-      print(f'XLA memory ({what}, {where}): peak {mib(peak_bytes(mem))} MiB = '
-            f'arguments {mib(mem.argument_size_in_bytes)} + temporaries '
-            f'{mib(mem.temp_size_in_bytes)} + output {mib(mem.output_size_in_bytes)} - aliased '
-            f'{mib(mem.alias_size_in_bytes)} MiB ({peak_bytes(mem) / 2**30:.2f} GiB)')
-    stats = report['stats']
+    print(f'XLA compile time ({what}{target}): {stats.compile_s:.1f} s')
+    mib = lambda n: f'{n / 2**20:.1f}'  # noqa: E731
+    print(f'XLA memory ({what}, {where}): peak {mib(stats.peak_bytes)} MiB = '
+          f'arguments {mib(stats.argument_bytes)} + temporaries {mib(stats.temp_bytes)} + output '
+          f'{mib(stats.output_bytes)} - aliased {mib(stats.alias_bytes)} MiB '
+          f'({stats.peak_bytes / 2**30:.2f} GiB)')
     print(f'XLA cost ({what}, {where}): {stats.flops / 1e9:.2f} GFLOP, '
           f'{stats.bytes_accessed / 1e9:.3f} GB accessed')
     if args.target is not None:
