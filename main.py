@@ -13,7 +13,8 @@ libtpu: pip install -e '.[tpu]'); nothing is read or written, no --workdir neede
 --config.eval_checkpoint_step), train_and_eval (evaluates every config.eval_every_steps and at the
 end). Any config field can be overridden with --config.FIELD=value; an unknown field or a value of
 the wrong type stops before anything is loaded. The resolved config is written to
-WORKDIR/config.json.
+WORKDIR/config.json. A training run holds WORKDIR/train.lock: a second one on the same workdir
+stops at once naming the holder (eval may share the workdir).
 """
 
 import difflib
@@ -148,9 +149,11 @@ def main(argv):
     sys.exit(_compile_only(config, FLAGS.compile_only))
   if not FLAGS.workdir:
     _usage_error('--workdir is required (except with --compile_only)')
-  from dtf_jax import multihost, storage  # pylint: disable=import-outside-toplevel
+  from dtf_jax import errors, multihost, storage  # pylint: disable=import-outside-toplevel
   try:
     workdir = str(storage.path(FLAGS.workdir))
+    if storage.path(workdir).exists() and not storage.path(workdir).is_dir():
+      raise ValueError(f'--workdir={FLAGS.workdir} is a file, not a folder')
     multihost.initialize(config.distributed, log=lambda m: print(m, flush=True))
   except ValueError as e:
     sys.exit(f'error: {e}')
@@ -165,8 +168,10 @@ def main(argv):
       results = train.evaluate_checkpoint(config, workdir)
     else:
       _, results = train.train(config, workdir, with_eval=FLAGS.mode == 'train_and_eval')
-  except (FileNotFoundError, train.CheckpointError) as e:
-    sys.exit(f'error: {e}')
+  except errors.EXPECTED as e:  # what the user gave: one line (DTF_DEBUG=1: the traceback)
+    if os.environ.get(errors.DEBUG_ENV) == '1':
+      raise
+    sys.exit(f'error: {errors.one_line(e)}')
   if results and jax.process_index() == 0:
     if results['labelled']:
       print(f'top1 {results["top1"]:.4f} top5 {results["top5"]:.4f} '

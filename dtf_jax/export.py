@@ -21,7 +21,12 @@ holds three files:
   argument types say.
 - ``meta.json``: the input contract (frames, frame size, layout, dtype, normalisation), the
   output, the class names, the model's name and arguments, where the weights came from, the
-  platforms and the JAX version. It is written last: its presence means the export is complete.
+  platforms and the JAX version, and the size and SHA-256 of the two other files, which
+  :func:`load` checks (a truncated or altered file is named, not deserialized). It is written
+  last: its presence means the export is complete.
+
+An example whose video holds a NaN or an infinity gets NaN logits (``dtf_jax.models``), in the
+exported function as in the model.
 
 The DTF block's frame-wise aggregation is exported with a portable implementation: a model built
 with ``fa_impl='pallas'`` (or ``'auto'``) is exported with ``fa_impl='scan'``, the same numbers
@@ -29,7 +34,9 @@ with ``fa_impl='pallas'`` (or ``'auto'``) is exported with ``fa_impl='scan'``, t
 (Triton for CUDA, Mosaic for TPU) and not with a symbolic batch. ``'xla'`` is kept.
 """
 
+import hashlib
 import io
+import os
 from typing import Any, Dict, Mapping, Optional, Sequence
 
 import jax
@@ -37,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dtf_jax import storage
+from dtf_jax.errors import UserError
 
 FORMAT = 'dtf_jax.export/1'   # meta.json's "format": what load() reads
 META_FILE = 'meta.json'
@@ -45,6 +53,11 @@ PARAMS_FILE = 'params.npz'
 PLATFORMS = ('cpu', 'cuda', 'tpu')   # lowered for by default
 KNOWN_PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')  # jax.export's platform names
 PORTABLE_FA_IMPLS = ('scan', 'xla')  # frame-wise aggregation implementations that lower anywhere
+
+
+class ExportError(UserError, ValueError):
+  """An export that cannot be made as asked (size, platforms, class names), or a directory that
+  cannot be loaded: a file missing, damaged, or not of an export."""
 
 
 def _portable(model):
@@ -62,12 +75,12 @@ def _frame_size(model, size: Optional[int]) -> int:
   built = getattr(model, argument) if argument else None
   if size is None:
     if built is None:
-      raise ValueError(f'{type(model).__name__} takes any frame size: pass size= (the frame '
-                       'height = width the exported function will take, e.g. 256 or 224)')
+      raise ExportError(f'{type(model).__name__} takes any frame size: pass size= (the frame '
+                        'height = width the exported function will take, e.g. 256 or 224)')
     return built
   if built is not None and size != built:
-    raise ValueError(f'size={size}: {type(model).__name__} is built for {argument}={built} '
-                     'frames; export it at that size')
+    raise ExportError(f'size={size}: {type(model).__name__} is built for {argument}={built} '
+                      'frames; export it at that size')
   return size
 
 
@@ -110,10 +123,10 @@ def export_model(model, variables: Mapping[str, Any], directory: str, *,
   platforms = tuple(platforms)
   unknown = sorted(set(platforms) - set(KNOWN_PLATFORMS))
   if unknown or not platforms:
-    raise ValueError(f'platforms={platforms}: {unknown or "none given"}; choose from '
-                     f'{", ".join(KNOWN_PLATFORMS)}')
+    raise ExportError(f'platforms={platforms}: {unknown or "none given"}; choose from '
+                      f'{", ".join(KNOWN_PLATFORMS)}')
   if class_names is not None and len(class_names) != model.num_classes:
-    raise ValueError(f'{len(class_names)} class names for {model.num_classes} classes')
+    raise ExportError(f'{len(class_names)} class names for {model.num_classes} classes')
   if _existing_export(directory) and not overwrite:
     raise FileExistsError(f'{directory} holds an export ({directory / META_FILE}); pass '
                           'overwrite=True (--overwrite) to replace it')
@@ -139,7 +152,8 @@ def export_model(model, variables: Mapping[str, Any], directory: str, *,
   storage.write_bytes(directory / FUNCTION_FILE, bytes(function))
   archive = io.BytesIO()  # zipfile seeks back to write headers; a bucket's stream cannot
   np.savez(archive, **arrays)
-  storage.write_bytes(directory / PARAMS_FILE, archive.getvalue())
+  params = archive.getvalue()
+  storage.write_bytes(directory / PARAMS_FILE, params)
 
   num_classes = model.num_classes
   meta = {
@@ -159,7 +173,9 @@ def export_model(model, variables: Mapping[str, Any], directory: str, *,
       'platforms': list(exported.platforms), 'jax_version': jax.__version__,
       'calling_convention_version': exported.calling_convention_version,
       'function': FUNCTION_FILE, 'function_bytes': len(function),
-      'parameters': {'file': PARAMS_FILE, 'arrays': len(arrays),
+      'function_sha256': hashlib.sha256(bytes(function)).hexdigest(),
+      'parameters': {'file': PARAMS_FILE, 'file_bytes': len(params),
+                     'sha256': hashlib.sha256(params).hexdigest(), 'arrays': len(arrays),
                      'count': int(sum(v.size for k, v in arrays.items()
                                       if k.startswith('params/'))),
                      'bytes': int(sum(v.nbytes for v in arrays.values()))},
@@ -208,23 +224,67 @@ def load(directory: str) -> ExportedModel:
   if not meta_path.exists():
     raise FileNotFoundError(f'{meta_path} is missing: {directory} is not a finished export '
                             '(meta.json is written last)')
-  meta = storage.read_json(meta_path)
-  if meta.get('format') != FORMAT:
-    raise ValueError(f'{meta_path}: format {meta.get("format")!r}, not {FORMAT!r} (not an export '
-                     'made by dtf_jax.export)')
-  exported = jax.export.deserialize(bytearray((directory / meta['function']).read_bytes()))
+  try:
+    meta = storage.read_json(meta_path)
+  except ValueError as e:
+    raise ExportError(f'{meta_path} is not JSON ({e}): the export is damaged') from e
+  if not isinstance(meta, dict) or meta.get('format') != FORMAT:
+    found = meta.get('format') if isinstance(meta, dict) else None
+    raise ExportError(f'{meta_path}: format {found!r}, not {FORMAT!r} (not an export made by '
+                      'dtf_jax.export)')
+  try:
+    function_name, params_meta = meta['function'], meta['parameters']
+    params_name = params_meta['file']
+  except (KeyError, TypeError) as e:
+    raise ExportError(f'{meta_path}: no {e} entry: the export is damaged') from e
+  function_path = _member(directory, function_name, meta_path)
+  params_path = _member(directory, params_name, meta_path)
+  function = _checked_bytes(function_path, meta.get('function_bytes'), meta.get('function_sha256'))
+  params = _checked_bytes(params_path, params_meta.get('file_bytes'), params_meta.get('sha256'))
+  try:
+    exported = jax.export.deserialize(bytearray(function))
+  except Exception as e:  # pylint: disable=broad-except  # flatbuffers raise struct.error etc.
+    raise ExportError(f'{function_path} cannot be deserialized ({type(e).__name__}: {e}): the '
+                      'export is damaged') from e
   (wanted, _), _ = jax.tree.unflatten(exported.in_tree, exported.in_avals)
-  params_path = directory / meta['parameters']['file']
-  with params_path.open('rb') as f, np.load(f) as stored:
-    arrays = {name: stored[name] for name in stored.files}
+  try:
+    with np.load(io.BytesIO(params), allow_pickle=False) as stored:
+      arrays = {name: stored[name] for name in stored.files}
+  except Exception as e:  # pylint: disable=broad-except  # zipfile, numpy format errors
+    raise ExportError(f'{params_path} cannot be read ({type(e).__name__}: {e}): the export is '
+                      'damaged') from e
   if arrays.keys() != wanted.keys():
     names = sorted(arrays.keys() ^ wanted.keys())
-    raise ValueError(f'{params_path} does not fit {meta["function"]}: {len(names)} arrays differ '
-                     f'({", ".join(names[:4])}{", ..." * (len(names) > 4)})')
+    raise ExportError(f'{params_path} does not fit {function_name}: {len(names)} arrays differ '
+                      f'({", ".join(names[:4])}{", ..." * (len(names) > 4)})')
   for name, aval in wanted.items():
     array = arrays[name]
     if array.shape != aval.shape or array.dtype.itemsize != aval.dtype.itemsize:
-      raise ValueError(f'{params_path}: {name} is {array.dtype}{list(array.shape)}; '
-                       f'{meta["function"]} takes {aval.dtype}{list(aval.shape)}')
+      raise ExportError(f'{params_path}: {name} is {array.dtype}{list(array.shape)}; '
+                        f'{function_name} takes {aval.dtype}{list(aval.shape)}')
     arrays[name] = jax.device_put(array.view(aval.dtype))
   return ExportedModel(meta, exported, arrays)
+
+
+def _member(directory, name, meta_path):
+  """``directory / name`` for a plain file name from ``meta.json`` (nothing outside it)."""
+  if not isinstance(name, str) or not name or '/' in name or os.sep in name or '\\' in name \
+      or name in ('.', '..'):
+    raise ExportError(f'{meta_path} names {name!r}: not a file of {directory}')
+  path = directory / name
+  if not path.exists():
+    raise ExportError(f'{path} is missing: the export is incomplete')
+  return path
+
+
+def _checked_bytes(path, size, sha256) -> bytes:
+  """The bytes of ``path``, checked against the size and SHA-256 that ``meta.json`` recorded
+  (exports made before checksums were recorded are read unchecked)."""
+  data = path.read_bytes()
+  if size is not None and len(data) != size:
+    raise ExportError(f'{path} has {len(data)} bytes, {size} were exported: the file is '
+                      'truncated or replaced')
+  if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+    raise ExportError(f'{path} does not match the SHA-256 recorded at export: the file is '
+                      'damaged or altered')
+  return data

@@ -17,6 +17,8 @@ only the parameters and batch statistics of a step are read, never the optimizer
 may be local or URLs (``gs://bucket/...``; see ``dtf_jax.storage``).
 """
 
+import os
+import sys
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -28,6 +30,7 @@ from flax import traverse_util
 from etils import epath
 
 from dtf_jax import storage
+from dtf_jax.errors import UserError, quiet_closed_event_loop_noise
 from dtf_jax.models import create_model, size_kwargs, variable_shapes
 
 META_FILE = 'meta.json'
@@ -35,6 +38,23 @@ VARIABLES_DIR = 'variables'
 CONFIG_FILE = 'config.json'      # written by the trainer into its workdir
 CHECKPOINT_DIR = 'checkpoints'   # the trainer's orbax CheckpointManager directory
 STATE_ITEM = 'state'             # its item holding the TrainState
+
+
+class CheckpointError(UserError, RuntimeError):
+  """A checkpoint that cannot be restored (damaged files, or one that does not fit the model)."""
+
+
+class VariablesMismatchError(CheckpointError, ValueError):
+  """Stored arrays whose names or shapes do not fit the model (the message lists them)."""
+
+
+class MetaError(UserError, ValueError):
+  """A ``meta.json`` that names something outside its directory, or is not a dtf_jax one."""
+
+
+def error_reason(e: Exception) -> str:
+  """``Type: first line of the message`` (at most 300 characters) of a restore failure."""
+  return f'{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ""}'
 
 
 def json_value(value: Any) -> Any:
@@ -131,9 +151,18 @@ def read_meta(path: str) -> Dict[str, Any]:
   path = storage.path(path)
   if (path / META_FILE).exists():
     meta = storage.read_json(path / META_FILE)
+    if not isinstance(meta, dict) or not isinstance(meta.get('model'), str) or \
+        not isinstance(meta.get('kwargs'), dict):
+      raise MetaError(f'{path / META_FILE}: not a dtf_jax meta.json (needs "model" and "kwargs")')
     meta.setdefault('class_names', None)
     meta.setdefault('source', None)
     meta.setdefault('variables', VARIABLES_DIR)
+    name = meta['variables']
+    # A name inside the directory: no separator, no '..' (a meta.json must not reach elsewhere).
+    if not isinstance(name, str) or not name.startswith(VARIABLES_DIR) or '/' in name or \
+        os.sep in name or '\\' in name or name in ('.', '..'):
+      raise MetaError(f'{path / META_FILE}: "variables" must name a {VARIABLES_DIR}* folder in '
+                      f'{path}, not {name!r}')
     return meta
   if (path / CONFIG_FILE).exists():
     config = storage.read_json(path / CONFIG_FILE)
@@ -149,7 +178,11 @@ def read_meta(path: str) -> Dict[str, Any]:
 def _restore_variables(state_dir: epath.Path) -> Dict[str, Any]:
   """``params`` and ``batch_stats`` of a trainer checkpoint, as numpy (optimizer state unread)."""
   checkpointer = ocp.PyTreeCheckpointer()
-  tree = checkpointer.metadata(state_dir).item_metadata.tree
+  metadata = checkpointer.metadata(state_dir).item_metadata
+  if metadata is None:
+    raise CheckpointError(f'{state_dir}: its array metadata cannot be read (damaged or '
+                          'incomplete)')
+  tree = metadata.tree
   item = {k: jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), tree[k])
           for k in ('params', 'batch_stats') if k in tree}
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
@@ -173,25 +206,41 @@ def load_pretrained(path: str, step: Optional[int] = None,
   path = storage.path(path)
   if (path / META_FILE).exists():
     if step is not None:
-      raise ValueError(f'{path} is a pretrained directory: it has no steps (step={step})')
+      raise CheckpointError(f'{path} is a pretrained directory: it has no steps (step={step})')
     with ocp.StandardCheckpointer() as checkpointer:
       variables = checkpointer.restore(path / meta['variables'])
   else:
     checkpoints, steps = _checkpoint_steps(path)
     if not steps:
       raise FileNotFoundError(f'{path}: no checkpoint in {checkpoints}')
-    if step is None:
-      step = steps[-1]
-    elif step not in steps:
+    if step is not None and step not in steps:
       raise FileNotFoundError(f'{path}: no checkpoint for step {step} (steps: {steps})')
-    variables = _restore_variables(checkpoints / str(step) / STATE_ITEM)
+    variables = _restore_newest(checkpoints, [step] if step is not None else steps[::-1])
   check_variables(variables, model, f'{path} ({meta["model"]})')
   return model, variables
 
 
+def _restore_newest(checkpoints: epath.Path, steps: Sequence[int]) -> Dict[str, Any]:
+  """The variables of the first of ``steps`` that restores; a damaged one is skipped with a
+  warning naming it and the step used. ``CheckpointError`` if none restores."""
+  errors = []
+  for step in steps:
+    try:
+      variables = _restore_variables(checkpoints / str(step) / STATE_ITEM)
+    except Exception as e:  # pylint: disable=broad-except  # orbax raises many kinds
+      errors.append(f'checkpoint {step} in {checkpoints} does not restore: {error_reason(e)}')
+      quiet_closed_event_loop_noise()  # the failed reads' leftovers: hundreds of tracebacks
+      continue
+    for error in errors:
+      print(f'warning: skipped {error}; using step {step}', file=sys.stderr, flush=True)
+    return variables
+  raise CheckpointError(errors[0] + (f' (nor do the {len(errors) - 1} before it)'
+                                     if len(errors) > 1 else ''))
+
+
 def check_variables(variables: Mapping[str, Any], model: nn.Module, what: str) -> None:
-  """Raises ``ValueError`` unless ``variables`` has exactly the names and shapes of ``model``'s
-  ``params`` and ``batch_stats`` (a file's metadata can disagree with its arrays)."""
+  """Raises ``VariablesMismatchError`` unless ``variables`` has exactly the names and shapes of
+  ``model``'s ``params`` and ``batch_stats`` (a file's metadata can disagree with its arrays)."""
   want = {f'{c}/{k}': tuple(v.shape) for c, flat in variable_shapes(model).items()
           for k, v in flat.items()}
   have = {f'{c}/{"/".join(k)}': tuple(np.shape(v)) for c in ('params', 'batch_stats')
@@ -206,4 +255,5 @@ def check_variables(variables: Mapping[str, Any], model: nn.Module, what: str) -
     problems.append(f'{len(shapes)} of another shape (' + ', '.join(
         f'{k}: {have[k]} for {want[k]}' for k in shapes[:4]) + ', ...' * (len(shapes) > 4) + ')')
   if problems:
-    raise ValueError(f'{what}: the arrays do not fit the model: {"; ".join(problems)}')
+    raise VariablesMismatchError(f'{what}: the arrays do not fit the model: '
+                                 f'{"; ".join(problems)}')

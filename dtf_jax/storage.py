@@ -1,9 +1,11 @@
-"""Files on local disk or in object stores (``gs://``, ``s3://``): the project's one path layer.
+"""Files on local disk or in Google Cloud Storage (``gs://``): the project's one path layer.
 
 Every file the library, the trainer and the tools read or write goes through ``etils.epath``:
-local paths use the operating system; URLs use ``tf.io.gfile`` (TensorFlow's Cloud Storage and S3
-clients: the same ones that ``tf.data`` and TensorBoard's writers use). Orbax uses ``epath`` for
-its directories and tensorstore for array data.
+local paths use the operating system; ``gs://`` URLs use ``tf.io.gfile`` (TensorFlow's Cloud
+Storage client: the same one that ``tf.data`` and TensorBoard's writers use). Orbax uses ``epath``
+for its directories and tensorstore for array data. Other schemes are refused up front: the
+TensorFlow build installed here has no S3, Azure or Hugging Face file system, so a run would pass
+the path check and fail at its first write (the TensorBoard writer).
 
     p = storage.path('gs://bucket/runs/a')   # epath.Path; a local path is made absolute
     storage.write_json(p / 'config.json', {...})
@@ -21,12 +23,18 @@ itself, written once. Either way a reader sees the old file, the new file, or no
 import contextlib
 import json
 import os
-from typing import Any, Iterator, List, Tuple, Union
+from typing import Any, Iterator, List, Sequence, Tuple, Union
 
 from etils import epath
 
+from dtf_jax.errors import UserError
+
 PathLike = Union[str, os.PathLike]
-URL_SCHEMES = ('gs', 's3', 'az', 'hf')  # those epath supports
+URL_SCHEMES = ('gs',)  # those every reader and writer here reaches (tested with an emulator)
+
+
+class PathError(UserError, ValueError):
+  """A location that this layer cannot reach (an unsupported URL scheme)."""
 
 
 def is_url(path: PathLike) -> bool:
@@ -44,10 +52,57 @@ def path(location: PathLike) -> epath.Path:
   if is_url(text):
     scheme = text.split('://', 1)[0]
     if scheme not in URL_SCHEMES:
-      raise ValueError(f'{text}: unsupported URL scheme {scheme}:// (supported: '
+      raise PathError(f'{text}: unsupported URL scheme {scheme}:// (supported: '
                        f'{", ".join(s + "://" for s in URL_SCHEMES)}, or a local path)')
     return epath.Path(text)
   return epath.Path(os.path.abspath(os.path.expanduser(text)))
+
+
+class OutputError(UserError, ValueError):
+  """An output path that must not be written: it exists, it is an input, or its folder cannot
+  be made or written. The message names the flag and the path."""
+
+
+def same_file(a: PathLike, b: PathLike) -> bool:
+  """Whether ``a`` and ``b`` name the same file however spelled (``./x``, ``../d/x``, symbolic
+  and hard links; URLs compared as written, less repeated and trailing slashes)."""
+  if is_url(a) or is_url(b):
+    def norm(text):
+      scheme, _, rest = os.fspath(text).partition('://')
+      return scheme + '://' + '/'.join(p for p in rest.split('/') if p)
+    return norm(a) == norm(b)
+  a, b = os.path.abspath(os.path.expanduser(a)), os.path.abspath(os.path.expanduser(b))
+  if os.path.realpath(a) == os.path.realpath(b):
+    return True
+  try:
+    return os.path.samefile(a, b)
+  except OSError:
+    return False
+
+
+def check_output(location: PathLike, flag: str, overwrite: bool = False,
+                 inputs: Sequence[PathLike] = ()) -> None:
+  """Checks, before any work, that the file ``location`` (given as ``flag``) can be written:
+  it is none of ``inputs`` (never, even with ``overwrite``), it does not exist unless
+  ``overwrite``, it is not a folder, and on local disk its folder exists or can be made and is
+  writable. Raises :class:`OutputError` naming the culprit."""
+  for source in inputs:
+    if same_file(location, source):
+      raise OutputError(f'{flag} {location} is the input {source}; write the output elsewhere')
+  target = path(location)
+  if target.is_dir():
+    raise OutputError(f'{flag} {location} is a folder; give a file name')
+  if target.exists() and not overwrite:
+    raise OutputError(f'{flag} {location} exists; pass --overwrite to replace it')
+  if is_url(target):
+    return
+  folder = os.fspath(target.parent)
+  while not os.path.exists(folder):
+    folder = os.path.dirname(folder)
+  if not os.path.isdir(folder):
+    raise OutputError(f'{flag} {location}: {folder} is a file, not a folder')
+  if not os.access(folder, os.W_OK | os.X_OK):
+    raise OutputError(f'{flag} {location}: cannot write in {folder} (permission denied)')
 
 
 @contextlib.contextmanager

@@ -149,6 +149,24 @@ def test_main_config_errors_are_one_line(tmp_path, argv, culprit):
   assert 'Traceback' not in proc.stderr
 
 
+def test_main_workdir_held_or_a_file_is_one_line(tmp_path):
+  from etils import epath  # pylint: disable=import-outside-toplevel
+  from dtf_jax import lockfile  # pylint: disable=import-outside-toplevel
+  a_file = tmp_path / 'a_file'
+  a_file.write_text('x')
+  workdir = tmp_path / 'run'
+  with lockfile.hold(epath.Path(workdir) / 'train.lock', 'training run'):
+    for path, culprit in ((a_file, f'--workdir={a_file} is a file, not a folder'),
+                          (workdir, 'in use by another training run')):
+      proc = subprocess.run([sys.executable, 'main.py', f'--workdir={path}',
+                             '--config=configs/quickstart.py'], cwd=REPO, capture_output=True,
+                            text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+      last = proc.stderr.strip().splitlines()[-1]
+      assert proc.returncode == 1 and last.startswith('error: ') and culprit in last, proc.stderr
+      assert 'Traceback' not in proc.stderr
+  assert sorted(p.name for p in workdir.iterdir()) == []
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. convert_torch: unreadable checkpoints and an --output that is a file
 

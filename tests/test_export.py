@@ -170,6 +170,60 @@ def test_load_errors(exported, tmp_path):
     export.load(str(tmp_path / 'partial'))
 
 
+def _copy(out, to):
+  to.mkdir()
+  for name in os.listdir(out):
+    (to / name).write_bytes(open(os.path.join(out, name), 'rb').read())
+  return to
+
+
+@pytest.mark.parametrize('victim,damage,message,unchecked', [
+    ('function.jaxexport', lambda b: b[:len(b) // 2], r'has \d+ bytes, \d+ were exported', True),
+    ('function.jaxexport', lambda b: os.urandom(len(b)), 'does not match the SHA-256', True),
+    ('function.jaxexport', lambda b: b[:100] + bytes([b[100] ^ 1]) + b[101:],
+     'does not match the SHA-256', False),  # one bit, the same size: only the checksum sees it
+    ('params.npz', lambda b: b[:-10] + bytes(10), 'does not match the SHA-256', True),
+    ('params.npz', lambda b: b'', r'has 0 bytes', True),
+])
+def test_damaged_export_is_named(exported, tmp_path, victim, damage, message, unchecked):
+  copy = _copy(exported[3], tmp_path / 'copy')
+  (copy / victim).write_bytes(damage((copy / victim).read_bytes()))
+  with pytest.raises(export.ExportError, match=f'{copy / victim} {message}'):
+    export.load(str(copy))
+  # Without the checksums (an export made before they were recorded), the damage is still named
+  # where the file cannot be read.
+  meta = json.loads((copy / 'meta.json').read_text())
+  meta.pop('function_sha256'), meta.pop('function_bytes')
+  meta['parameters'].pop('sha256'), meta['parameters'].pop('file_bytes')
+  (copy / 'meta.json').write_text(json.dumps(meta))
+  if unchecked:
+    with pytest.raises(export.ExportError, match=f'{copy / victim} (cannot be|does not fit)'):
+      export.load(str(copy))
+
+
+def test_meta_json_names_only_files_of_the_export(exported, tmp_path):
+  copy = _copy(exported[3], tmp_path / 'copy')
+  meta = json.loads((copy / 'meta.json').read_text())
+  meta['parameters']['file'] = '../elsewhere.npz'
+  (copy / 'meta.json').write_text(json.dumps(meta))
+  with pytest.raises(export.ExportError, match=r"names '../elsewhere.npz': not a file of"):
+    export.load(str(copy))
+
+
+def test_non_finite_input_gives_nan_logits_on_every_path(exported):
+  model, variables, _, out, _ = exported
+  video = _videos((3,))['b3']
+  video[0, 1, 2, 3, 0] = np.nan
+  video[1] = np.inf
+  for name, logits in (('eager', model.apply(variables, video)),
+                       ('jit', jax.jit(model.apply)(variables, video)),
+                       ('export', export.load(out)(video))):
+    logits = np.asarray(logits)
+    assert np.isnan(logits[:2]).all() and np.isfinite(logits[2]).all(), name
+  np.testing.assert_allclose(np.asarray(export.load(out)(video[2:])),
+                             _forward(model, variables, video[2:]), rtol=0, atol=ATOL)
+
+
 def test_overwrite_refused_then_replaced(exported, tmp_path):
   model, variables, checkpoint, out, _ = exported
   with pytest.raises(FileExistsError, match=f'{out} holds an export .*overwrite=True'):
@@ -182,10 +236,7 @@ def test_overwrite_refused_then_replaced(exported, tmp_path):
   with pytest.raises(FileExistsError, match=r'not the meta.json of an export .*another directory'):
     export.export_model(model, variables, checkpoint, size=SIZE, overwrite=True)
   # Replacing: a copy of the export gets new variables and class names.
-  copy = tmp_path / 'copy'
-  copy.mkdir()
-  for name in os.listdir(out):
-    (copy / name).write_bytes(open(os.path.join(out, name), 'rb').read())
+  copy = _copy(out, tmp_path / 'copy')
   other = _variables(model, 1)
   export.export_model(model, other, str(copy), size=SIZE, class_names=list('abcde'),
                       overwrite=True)

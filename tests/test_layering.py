@@ -1,8 +1,8 @@
 """The package's import layering: no module imports a higher layer, no import cycles.
 
 Read from the source with ``ast`` (imports inside functions included), so nothing is imported here.
-Layers, low to high: storage, multihost and tpu_target; layers; models; the users of models (flops, convert,
-pretrained, export, data, metrics); train; tools.
+Layers, low to high: storage, lockfile, multihost and tpu_target; layers; models; the users of
+models (flops, convert, pretrained, export, data, metrics); train; tools.
 """
 
 import ast
@@ -12,7 +12,8 @@ import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / 'dtf_jax'
 LAYERS = (
-    ('dtf_jax', 'dtf_jax.storage', 'dtf_jax.multihost', 'dtf_jax.tpu_target'),
+    ('dtf_jax', 'dtf_jax.errors', 'dtf_jax.storage', 'dtf_jax.lockfile', 'dtf_jax.multihost',
+     'dtf_jax.tpu_target'),
     ('dtf_jax.layers',),
     ('dtf_jax.models',),
     ('dtf_jax.flops', 'dtf_jax.convert', 'dtf_jax.pretrained', 'dtf_jax.export', 'dtf_jax.data',

@@ -9,7 +9,9 @@ steps on a small synthetic dataset, evaluated with 2 clips x 3 crops, serves eve
 
 import json
 import os
+import shutil
 import sys
+import time
 
 import numpy as np
 import PIL.Image
@@ -21,7 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from configs import quickstart  # noqa: E402
-from dtf_jax import pretrained  # noqa: E402
+from dtf_jax import errors, pretrained  # noqa: E402
 from dtf_jax.data import synthetic  # noqa: E402
 from dtf_jax.tools import predict, visualize  # noqa: E402
 from numpy_reference import dtf_block_numpy  # noqa: E402
@@ -148,6 +150,106 @@ def test_pretrained_directory_and_usage_errors(trained, tmp_path, capsys):
     predict.parse_args(['--checkpoint', saved, '--video', file, '--out', str(tmp_path)])
   with pytest.raises(FileNotFoundError, match='neither a dtf_jax pretrained directory'):
     predict.main(['--checkpoint', str(tmp_path / 'nothing'), '--video', file])
+
+
+def _one_line_error(main, argv, capsys):
+  """Runs ``main`` as its command line does; returns its one-line error."""
+  assert errors.run_main(main, argv) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err and err[-1].startswith('error: ') and 'Traceback' not in '\n'.join(err), err
+  return err[-1]
+
+
+def test_outputs_checked_before_any_work(trained, tmp_path, capsys):
+  root, workdir, _, _ = trained
+  video = root / 'videos' / 'validation' / '000000.mp4'
+  original = video.read_bytes()
+  existing = tmp_path / 'old.mp4'
+  existing.write_bytes(b'keep me')
+  a_file = tmp_path / 'a_file'
+  a_file.write_text('x')
+  base = ['--checkpoint', str(workdir), '--video', str(video)]
+  spelled = str(root / 'videos' / 'validation' / '..' / 'validation' / '000000.mp4')
+  for flags, message in (
+      (['--out', str(existing)], f'--out {existing} exists; pass --overwrite'),
+      (['--out', str(video), '--overwrite'], f'--out {video} is the input {video}'),
+      (['--out', spelled, '--overwrite'], f'--out {spelled} is the input {video}'),
+      (['--features', str(video)], f'--features {video} is the input'),
+      (['--out', str(a_file / 'sub' / 'o.mp4')], f'{a_file} is a file, not a folder'),
+      (['--features', str(existing)], f'--features {existing} exists'),
+  ):
+    start = time.monotonic()
+    assert message in _one_line_error(predict.main, base + flags, capsys)
+    assert time.monotonic() - start < 5  # refused before the model is loaded
+  assert video.read_bytes() == original and existing.read_bytes() == b'keep me'
+  out = tmp_path / 'vis'
+  out.mkdir()
+  (out / 'index.html').write_text('earlier')
+  vis = ['--checkpoint', str(workdir), '--video', str(video)]
+  assert 'holds a visualization (index.html); pass --overwrite' in _one_line_error(
+      visualize.main, vis + ['--out', str(out)], capsys)
+  assert f'--out {a_file} is a file; give a folder' in _one_line_error(
+      visualize.main, vis + ['--out', str(a_file)], capsys)
+  assert (out / 'index.html').read_text() == 'earlier'
+
+
+def test_work_bounded_by_the_video_urls_skipped_and_steps_checked(trained, tmp_path, capsys):
+  root, workdir, config, _ = trained
+  file = str(root / 'videos' / 'validation' / '000003.mp4')  # 8 frames, clips span 7: 2 starts
+  assert predict.main(['--checkpoint', str(workdir), '--video', file, '--json', '--clips', '2',
+                       '--crops', '1']) == 0
+  expected = _json_lines(capsys)[0]
+  urls = ['http://127.0.0.1:9/a.mp4', f'file://{file}']
+  code = predict.main(['--checkpoint', str(workdir), '--video', *urls, file, '--json',
+                       '--clips', '100000', '--crops', '1', '--batch-size', '100000'])
+  captured = capsys.readouterr()
+  assert code == 1  # the URLs were skipped
+  lines = [json.loads(line) for line in captured.out.splitlines()]
+  for line, url in zip(lines, urls):
+    assert line['error'].startswith(f'{url}: unsupported URL scheme {url.split(":")[0]}://')
+  assert lines[2]['views'] == 2 and lines[2]['top'] == expected['top']
+  assert '--clips 100000: the longest video has 2 distinct clip starts' in captured.err
+  assert 'views: batch 1/1' in captured.err  # the batch is the 2 views, not 100000
+  for step in ('999', '-5'):
+    assert f'no checkpoint for step {step} (steps: [{config.total_steps}])' in _one_line_error(
+        predict.main, ['--checkpoint', str(workdir), '--video', file, '--step', step], capsys)
+  (tmp_path / 'empty').mkdir()
+  assert 'neither a dtf_jax pretrained directory' in _one_line_error(
+      visualize.main, ['--checkpoint', str(tmp_path / 'empty'), '--video', file, '--out',
+                       str(tmp_path / 'v')], capsys)
+
+
+def test_damaged_newest_checkpoint_and_another_model(trained, tmp_path, capsys):
+  root, workdir, config, _ = trained
+  file = str(root / 'videos' / 'validation' / '000001.mp4')
+  argv = ['--video', file, '--json', '--clips', '1', '--crops', '1']
+  assert predict.main(['--checkpoint', str(workdir)] + argv) == 0
+  expected = _json_lines(capsys)[0]
+  copy = tmp_path / 'run'
+  shutil.copytree(workdir, copy)
+  step = config.total_steps
+  shutil.copytree(copy / 'checkpoints' / str(step), copy / 'checkpoints' / '1')  # an older one
+  for path in (copy / 'checkpoints' / str(step) / 'state').rglob('*'):
+    if path.is_file() and path.parent.name == 'd':  # the arrays, overwritten in place
+      path.write_bytes(np.random.default_rng(0).bytes(path.stat().st_size))
+  assert predict.main(['--checkpoint', str(copy)] + argv) == 0
+  captured = capsys.readouterr()
+  assert json.loads(captured.out)['top'] == expected['top']
+  assert f'skipped checkpoint {step} in {copy / "checkpoints"} does not restore' in captured.err
+  assert 'using step 1' in captured.err
+  assert len(captured.err.splitlines()) < 20, captured.err  # no tracebacks of leftover reads
+  # With no intact checkpoint: one line.
+  shutil.rmtree(copy / 'checkpoints' / '1')
+  message = _one_line_error(predict.main, ['--checkpoint', str(copy)] + argv, capsys)
+  assert f'checkpoint {step} in {copy / "checkpoints"} does not restore' in message
+  # A config.json of another model than the checkpoint's: the shape report, one line.
+  other = tmp_path / 'other'
+  shutil.copytree(workdir, other)
+  cfg = json.loads((other / 'config.json').read_text())
+  cfg['model']['width'] = 16
+  (other / 'config.json').write_text(json.dumps(cfg))
+  message = _one_line_error(predict.main, ['--checkpoint', str(other)] + argv, capsys)
+  assert 'the arrays do not fit the model' in message and 'of another shape' in message
 
 
 # ---------------------------------------------------------------------------

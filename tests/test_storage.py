@@ -15,9 +15,39 @@ def test_local_paths_become_absolute_and_urls_stay(tmp_path, monkeypatch):
   assert str(storage.path('gs://bucket/runs') / 'a' / 'config.json') == \
       'gs://bucket/runs/a/config.json'
   assert storage.is_url('gs://b/x') and not storage.is_url('/tmp/gs:/b')
-  with pytest.raises(ValueError, match=r'ftp://x/y: unsupported URL scheme ftp://'):
-    storage.path('ftp://x/y')
+  for url in ('ftp://x/y', 's3://bucket/run', 'az://c/run', 'gcs://bucket/run'):
+    scheme = url.split('://')[0]
+    with pytest.raises(ValueError, match=rf'{url}: unsupported URL scheme {scheme}:// '
+                                         r'\(supported: gs://, or a local path\)'):
+      storage.path(url)
   assert not os.path.exists(tmp_path / 'ftp:')
+
+
+def test_check_output_refuses_inputs_existing_files_and_unwritable_folders(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / 'd').mkdir()
+  video = tmp_path / 'd' / 'v.mp4'
+  video.write_bytes(b'x')
+  os.link(video, tmp_path / 'hard.mp4')
+  os.symlink(video, tmp_path / 'soft.mp4')
+  for spelling in ('d/v.mp4', './d/../d/v.mp4', 'hard.mp4', 'soft.mp4', str(video)):
+    with pytest.raises(storage.OutputError, match=rf'--out {spelling} is the input d/v.mp4;'):
+      storage.check_output(spelling, '--out', overwrite=True, inputs=['d/v.mp4'])
+  with pytest.raises(storage.OutputError, match='--out d/v.mp4 exists; pass --overwrite'):
+    storage.check_output('d/v.mp4', '--out')
+  storage.check_output('d/v.mp4', '--out', overwrite=True)
+  with pytest.raises(storage.OutputError, match='--out d is a folder'):
+    storage.check_output('d', '--out', overwrite=True)
+  with pytest.raises(storage.OutputError, match=rf'--out d/v.mp4/sub/o.mp4: {video} is a file'):
+    storage.check_output('d/v.mp4/sub/o.mp4', '--out')
+  storage.check_output('new/deeper/o.mp4', '--out')  # folders to be made
+  assert not (tmp_path / 'new').exists()
+  if os.geteuid() != 0:  # root may write anywhere
+    (tmp_path / 'ro').mkdir(mode=0o555)
+    with pytest.raises(storage.OutputError, match='cannot write in'):
+      storage.check_output('ro/o.mp4', '--out')
+  assert storage.same_file('gs://b//x/', 'gs://b/x')
+  assert not storage.same_file('gs://b/x', 'gs://b/y')
 
 
 def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):

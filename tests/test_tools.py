@@ -551,6 +551,21 @@ def test_pretrained_overwrite_survives_kill_9(tmp_path, point, kept):
   assert sorted(os.listdir(directory)) == ['meta.json', read_meta(directory)['variables']]
 
 
+def test_meta_json_cannot_reach_outside_its_directory(tmp_path):
+  model = create_model('dtf_r50', **TINY_DTF)
+  variables = _random_variables(model, (1, 8, 32, 32, 3), 0)
+  victim = save_pretrained(str(tmp_path / 'victim'), 'dtf_r50', TINY_DTF, variables)
+  path = save_pretrained(str(tmp_path / 'user' / 'ckpt'), 'dtf_r50', TINY_DTF, variables)
+  meta = json.loads(open(os.path.join(path, 'meta.json')).read())
+  for name in ('../../victim/variables', '../victim', '/abs/variables', 'variables/../../x', '..'):
+    with open(os.path.join(path, 'meta.json'), 'w') as f:
+      json.dump(dict(meta, variables=name), f)
+    with pytest.raises(pretrained.MetaError, match=rf'"variables" must name a variables\* '
+                                                   rf'folder in {path}, not'):
+      load_pretrained(path)
+  assert os.path.exists(os.path.join(victim, 'variables'))
+
+
 def test_load_pretrained_without_meta(tmp_path):
   (tmp_path / 'variables').mkdir()
   with pytest.raises(FileNotFoundError, match=r'meta\.json'):

@@ -38,6 +38,7 @@ import numpy as np
 
 from dtf_jax.convert import imagenet
 from dtf_jax.convert.state_dict import unwrap_state_dict
+from dtf_jax.errors import UserError
 from dtf_jax.models import create_model, example_input_shape, model_spec, variable_shapes
 from dtf_jax.models.swin import SwinTransformer, effective_window, relative_position_index, \
     shifted_window_mask
@@ -50,7 +51,7 @@ NEW_HEAD = 'new classifier head'
 VERIFIED = 'buffer the model computes (verified equal)'
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
   """The state dict does not fit the model; the message lists every problem."""
 
 

@@ -17,11 +17,12 @@ import numpy as np
 from etils import epath
 
 from dtf_jax import storage
+from dtf_jax.errors import UserError
 
 SAFETENSORS_SUFFIX = '.safetensors'
 
 
-class CheckpointReadError(ValueError):
+class CheckpointReadError(UserError, ValueError):
   """The file exists but is not a readable, weights-only checkpoint."""
 
 

@@ -35,8 +35,8 @@ truncated, no video stream) or have fewer than ``--min-frames`` frames are skipp
 
 A run holds ``{output}/.convert/lock`` until it ends, also on errors and Ctrl-C: a second
 converter on the same output stops at once naming the holder, and a lock left by a process that
-no longer runs on the same host is taken over with a warning (``dtf_jax.data.lockfile``; advisory
-in a bucket).
+no longer runs on the same host, or whose heartbeat stopped over ten minutes ago, is taken over
+with a warning (``dtf_jax.lockfile``; advisory in a bucket).
 
 Ctrl-C stops the run promptly: pending shards are cancelled, worker processes are terminated, only
 finished shards stay (no ``.tmp`` left behind) and the same command resumes. A split that writes no
@@ -64,9 +64,9 @@ import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from dtf_jax import storage
-from dtf_jax.data import lockfile
-from dtf_jax.data.lockfile import LockHeld
+from dtf_jax import lockfile, storage
+from dtf_jax.errors import UserError
+from dtf_jax.lockfile import LockHeld
 from dtf_jax.data.video import FOLDER_FPS
 
 # Records: one tf.train.SequenceExample per video. key -> (part, type, meaning).
@@ -89,7 +89,7 @@ LOCK_NAME = 'lock'  # in STATE_DIR
 KINETICS_COLUMNS = ('youtube_id', 'time_start', 'time_end')  # required; label, split optional
 
 
-class ConvertError(ValueError):
+class ConvertError(UserError, ValueError):
   """Bad input, unusable output or output in use; the message names the culprit."""
 
 
@@ -595,15 +595,20 @@ def _write_shards_in_pool(tasks, opts: EncodeOptions, workers: int, decode_threa
 def _terminate(pool: concurrent.futures.ProcessPoolExecutor) -> None:
   """Cancels the pool's pending tasks and terminates its workers (their shards in progress are
   left as ``.tmp`` files on disk, or no object in a bucket)."""
+  manager = getattr(pool, '_executor_manager_thread', None)
   if hasattr(pool, 'terminate_workers'):  # Python >= 3.14
     pool.terminate_workers()
-    return
-  processes = list((getattr(pool, '_processes', None) or {}).values())
-  pool.shutdown(wait=False, cancel_futures=True)
-  for process in processes:
-    process.terminate()
-  for process in processes:
-    process.join(10)
+  else:
+    processes = list((getattr(pool, '_processes', None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+      process.terminate()
+    for process in processes:
+      process.join(10)
+  # The pool's manager thread closes its wake-up pipe as it ends; interpreter exit writes to that
+  # pipe, and a race between the two prints an OSError traceback. Waiting for the thread ends it.
+  if manager is not None:
+    manager.join(10)
 
 
 def _drain(queue, progress: Progress, timeout: float) -> None:
@@ -633,9 +638,10 @@ def write_label_map(output_dir: str, classes: Sequence[str], overwrite: bool = F
 
 @contextlib.contextmanager
 def output_lock(output_dir: str, stream=None):
-  """Holds ``{output_dir}/.convert/lock`` while the block runs (see ``dtf_jax.data.lockfile``);
+  """Holds ``{output_dir}/.convert/lock`` while the block runs (see ``dtf_jax.lockfile``);
   raises ``LockHeld`` naming the holder if another live converter has it. Yields its path."""
-  with lockfile.hold(storage.path(output_dir) / STATE_DIR / LOCK_NAME, stream) as lock:
+  with lockfile.hold(storage.path(output_dir) / STATE_DIR / LOCK_NAME, 'converter',
+                     stream) as lock:
     yield lock
 
 

@@ -27,6 +27,7 @@ import einops
 import numpy as np
 
 from dtf_jax import storage
+from dtf_jax.errors import UserError
 
 # Why a video was rejected (``VideoDecodeError.reason``).
 REASONS = ('missing', 'empty_file', 'unreadable', 'no_video_stream', 'decode_error', 'truncated',
@@ -38,7 +39,7 @@ FOLDER_FPS = 12.0  # frame rate of a folder of frames (Something-Something V1's)
 H264_CRF = 18       # quality of the mp4s that write_mp4 writes with libx264
 
 
-class VideoDecodeError(Exception):
+class VideoDecodeError(UserError):
   """A video that cannot be converted. ``reason`` is one of ``REASONS``, ``detail`` a message."""
 
   def __init__(self, reason: str, detail: str = ''):

@@ -26,6 +26,7 @@ from dtf_jax.layers.spectral import SPECTRAL_IMPLS
 from dtf_jax.layers.dtf import DTFBlock
 from dtf_jax.layers.temporal import FILTER_ESTIMATOR_NAMES, TEMPORAL_MODULES
 from dtf_jax.models.common import REMAT_OPTIONS  # noqa: F401 (the values of `remat`)
+from dtf_jax.models.common import ModelArgumentError
 from dtf_jax.models.resnet import ResNet
 from dtf_jax.models.swin import SwinTransformer
 
@@ -70,7 +71,7 @@ def model_fields(cls: Callable) -> List[str]:
 def model_arguments(name: str) -> List[str]:
   """The :func:`create_model` keyword arguments that model ``name`` takes (its attributes)."""
   if name not in _REGISTRY:
-    raise ValueError(f'Unknown model {name!r}; known models: {", ".join(list_models())}.')
+    raise ModelArgumentError(f'Unknown model {name!r}; known models: {", ".join(list_models())}.')
   return model_fields(_REGISTRY[name][0])
 
 
@@ -78,7 +79,8 @@ def model_spec(model) -> ModelSpec:
   """The :class:`ModelSpec` of a model name or of a model built by :func:`create_model`."""
   if isinstance(model, str):
     if model not in _REGISTRY:
-      raise ValueError(f'Unknown model {model!r}; known models: {", ".join(list_models())}.')
+      raise ModelArgumentError(
+          f'Unknown model {model!r}; known models: {", ".join(list_models())}.')
     return _SPECS[_REGISTRY[model][0]]
   return _SPECS[type(model)]
 
@@ -114,13 +116,14 @@ def create_model(name: str, *, num_classes: int, clip_length: int, **kwargs: Any
   rngs={'dropout': rng})``.
   """
   if name not in _REGISTRY:
-    raise ValueError(f'Unknown model {name!r}; known models: {", ".join(list_models())}.')
+    raise ModelArgumentError(f'Unknown model {name!r}; known models: {", ".join(list_models())}.')
   cls, defaults = _REGISTRY[name]
   allowed = model_fields(cls)
   unknown = sorted(set(kwargs) - set(allowed))
   if unknown:
-    raise ValueError(f'Unknown argument(s) {unknown} for model {name!r}; allowed: '
-                     f'{sorted(set(allowed) - {"num_classes", "clip_length"})}.')
+    raise ModelArgumentError(
+        f'Unknown argument(s) {unknown} for model {name!r}; allowed: '
+        f'{sorted(set(allowed) - {"num_classes", "clip_length"})}.')
   config = dict(defaults, num_classes=num_classes, clip_length=clip_length, **kwargs)
   fields = {f.name: f.default for f in dataclasses.fields(cls)
             if f.default is not dataclasses.MISSING and f.name not in ('parent', 'name')}
@@ -158,7 +161,7 @@ def check_model_args(name: str, args: Dict[str, Any]) -> None:
   ``image_size`` that the patches or windows cannot tile) is checked by the model when it runs.
   """
   def fail(key, allowed):
-    raise ValueError(f'{name}: {key}={args[key]!r} is not allowed: {allowed}.')
+    raise ModelArgumentError(f'{name}: {key}={args[key]!r} is not allowed: {allowed}.')
 
   for key, meaning in _POSITIVE_INTS.items():
     if key in args and not (_is_int(args[key]) and args[key] > 0):

@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dtf_jax.errors import UserError
 from dtf_jax.layers.temporal import make_temporal
 
 # What the backbones' ``remat`` attribute can be: recompute nothing, each block (Bottleneck /
@@ -19,16 +20,32 @@ REMAT_OPTIONS = ('none', 'block', 'dtf')
 REMAT_POLICY = jax.checkpoint_policies.nothing_saveable
 
 
+class ModelArgumentError(UserError, ValueError):
+  """A model argument, or an input, that the model cannot take (the message names it)."""
+
+
+def nan_where_not_finite(video, out):
+  """``out`` (``B ...``) with NaN for each example whose ``video`` (``B T H W 3``) holds a NaN or
+  an infinity. Compiled, XLA may drop a NaN on the way (a max with 0 returns 0), so a jitted or
+  exported model would return ordinary-looking logits for such input; this makes every path
+  (eager, jit, export) return NaN for it."""
+  finite = jnp.all(jnp.isfinite(video), axis=tuple(range(1, video.ndim)))
+  return jnp.where(finite.reshape((-1,) + (1,) * (out.ndim - 1)), out, jnp.nan)
+
+
 def check_video(video, *, model: str, clip_length: int, early_stride: int):
   """Raises ``ValueError`` unless ``video`` is ``B T H W 3`` with ``T == clip_length``."""
   if video.ndim != 5 or video.shape[-1] != 3:
-    raise ValueError(f'{model}: expected a video B T H W 3, got shape {tuple(video.shape)}.')
+    raise ModelArgumentError(
+        f'{model}: expected a video B T H W 3, got shape {tuple(video.shape)}.')
   if video.shape[1] != clip_length:
-    raise ValueError(f'{model}: expected clip length {clip_length} (the model was built for it), '
-                     f'got {video.shape[1]} frames (input shape {tuple(video.shape)}).')
+    raise ModelArgumentError(
+        f'{model}: expected clip length {clip_length} (the model was built for it), '
+        f'got {video.shape[1]} frames (input shape {tuple(video.shape)}).')
   if clip_length % early_stride:
-    raise ValueError(f'{model}: clip length {clip_length} is not a multiple of early_stride '
-                     f'{early_stride}.')
+    raise ModelArgumentError(
+        f'{model}: clip length {clip_length} is not a multiple of early_stride '
+        f'{early_stride}.')
 
 
 class DropPath(nn.Module):
@@ -48,7 +65,7 @@ class DropPath(nn.Module):
 
 def check_remat(remat: str, model: str) -> None:
   if remat not in REMAT_OPTIONS:
-    raise ValueError(f'{model}: remat={remat!r} is not one of {REMAT_OPTIONS}.')
+    raise ModelArgumentError(f'{model}: remat={remat!r} is not one of {REMAT_OPTIONS}.')
 
 
 def remat_class(cls, remat: str, *, when: str):

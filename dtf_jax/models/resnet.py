@@ -13,8 +13,8 @@ import jax.numpy as jnp
 
 from dtf_jax.layers.conv import FrameConv
 from dtf_jax.layers.norm import BatchNorm
-from dtf_jax.models.common import (DropPath, check_remat, check_video, make_temporal_remat,
-                                   remat_class)
+from dtf_jax.models.common import (DropPath, ModelArgumentError, check_remat, check_video,
+                                   make_temporal_remat, nan_where_not_finite, remat_class)
 
 # Kaiming normal, fan_out, as the official models initialise their convolutions.
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
@@ -106,12 +106,14 @@ class ResNet(nn.Module):
                 early_stride=self.early_stride)
     check_remat(self.remat, type(self).__name__)
     if min(video.shape[2:4]) < 32:
-      raise ValueError(f'ResNet: frames must be at least 32x32 (total stride 32), got '
-                       f'{video.shape[2]}x{video.shape[3]}.')
+      raise ModelArgumentError(
+          f'ResNet: frames must be at least 32x32 (total stride 32), got '
+          f'{video.shape[2]}x{video.shape[3]}.')
     bad_stages = [s for s in self.dtf_stages if s not in range(1, len(self.stage_sizes) + 1)]
     if bad_stages:
-      raise ValueError(f'ResNet: dtf_stages {tuple(self.dtf_stages)} must be in 1..'
-                       f'{len(self.stage_sizes)}.')
+      raise ModelArgumentError(
+          f'ResNet: dtf_stages {tuple(self.dtf_stages)} must be in 1..'
+          f'{len(self.stage_sizes)}.')
 
     x = video.astype(self.dtype)
     x = FrameConv(self.width, (self.early_stride, 7, 7), (self.early_stride, 2, 2),
@@ -139,6 +141,7 @@ class ResNet(nn.Module):
 
     x = jnp.mean(x.astype(jnp.float32), axis=(1, 2, 3))
     if features:
-      return x
+      return nan_where_not_finite(video, x)
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    return nn.Dense(self.num_classes, dtype=jnp.float32, name='head')(x)
+    return nan_where_not_finite(video, nn.Dense(self.num_classes, dtype=jnp.float32,
+                                                name='head')(x))

@@ -18,8 +18,8 @@ import numpy as np
 
 from dtf_jax.layers.conv import FrameConv
 from dtf_jax.layers.shapes import rearrange_keep_batch
-from dtf_jax.models.common import (DropPath, check_remat, check_video, make_temporal_remat,
-                                   remat_class)
+from dtf_jax.models.common import (DropPath, ModelArgumentError, check_remat, check_video,
+                                   make_temporal_remat, nan_where_not_finite, remat_class)
 
 dense_init = nn.initializers.truncated_normal(0.02)
 
@@ -207,14 +207,15 @@ class SwinTransformer(nn.Module):
   def check_image_size(self):
     """Raises ``ValueError`` unless every stage's token map splits into whole windows."""
     if len(self.depths) != len(self.num_heads):
-      raise ValueError(f'SwinTransformer: depths {tuple(self.depths)} and num_heads '
-                       f'{tuple(self.num_heads)} must have the same length.')
+      raise ModelArgumentError(
+          f'SwinTransformer: depths {tuple(self.depths)} and num_heads '
+          f'{tuple(self.num_heads)} must have the same length.')
     res = self.image_size // self.patch_size
     for stage in range(len(self.depths)):
       window, _ = effective_window(res, self.window_size, 0)
       divisible = self.image_size % self.patch_size == 0 and res % window == 0
       if not divisible or (stage < len(self.depths) - 1 and res % 2):
-        raise ValueError(
+        raise ModelArgumentError(
             f'SwinTransformer: image size {self.image_size} does not fit patch {self.patch_size}, '
             f'window {self.window_size} and {len(self.depths)} stages (stage {stage + 1} has '
             f'{res}x{res} tokens); use e.g. 224 for window 7.')
@@ -232,9 +233,10 @@ class SwinTransformer(nn.Module):
     check_video(video, model=type(self).__name__, clip_length=self.clip_length,
                 early_stride=self.early_stride)
     if video.shape[2] != self.image_size or video.shape[3] != self.image_size:
-      raise ValueError(f'SwinTransformer: expected {self.image_size}x{self.image_size} frames '
-                       f'(image_size the model was built for), got '
-                       f'{video.shape[2]}x{video.shape[3]}.')
+      raise ModelArgumentError(
+          f'SwinTransformer: expected {self.image_size}x{self.image_size} frames '
+          f'(image_size the model was built for), got '
+          f'{video.shape[2]}x{video.shape[3]}.')
     self.check_image_size()
     check_remat(self.remat, type(self).__name__)
     batch = video.shape[0]
@@ -268,7 +270,7 @@ class SwinTransformer(nn.Module):
     x = nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, name='norm')(x)
     x = jnp.mean(x, axis=(1, 2))
     if features:
-      return einops.reduce(x, '(b t) c -> b c', 'mean', b=batch)
+      return nan_where_not_finite(video, einops.reduce(x, '(b t) c -> b c', 'mean', b=batch))
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
     logits = nn.Dense(self.num_classes, dtype=jnp.float32, kernel_init=dense_init, name='head')(x)
-    return einops.reduce(logits, '(b t) k -> b k', 'mean', b=batch)
+    return nan_where_not_finite(video, einops.reduce(logits, '(b t) k -> b k', 'mean', b=batch))

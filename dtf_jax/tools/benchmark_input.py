@@ -22,6 +22,7 @@ import time
 
 import tensorflow as tf
 
+from dtf_jax import errors
 from dtf_jax.data import ops, pipeline
 from dtf_jax.tools.model_info import int_at_least
 
@@ -130,4 +131,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  sys.exit(errors.run_main(main))

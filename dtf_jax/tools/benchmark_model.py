@@ -31,6 +31,7 @@ devices) the measured FLOP/s of a large jitted matmul in ``--dtype``. The line s
 import argparse
 import concurrent.futures
 import statistics
+import sys
 import time
 
 import jax
@@ -38,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dtf_jax import tpu_target
+from dtf_jax import errors, tpu_target
 from dtf_jax.layers.aggregation import FA_IMPLS
 from dtf_jax.models import REMAT_OPTIONS, create_model, list_models, model_arguments, size_kwargs
 from dtf_jax.tools.model_info import int_at_least, lower_forward, lower_train_step, target_mesh, \
@@ -309,4 +310,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(errors.run_main(main))

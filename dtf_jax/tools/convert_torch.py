@@ -24,7 +24,7 @@ import ast
 import sys
 import time
 
-from dtf_jax import storage
+from dtf_jax import errors, storage
 from dtf_jax.convert.imagenet import SOURCES, STEM_INITS
 from dtf_jax.models import list_models
 from dtf_jax.tools.model_info import int_at_least
@@ -136,4 +136,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(errors.run_main(main))

@@ -24,7 +24,7 @@ import sys
 import time
 from typing import Optional
 
-from dtf_jax import export, storage
+from dtf_jax import errors, export, storage
 from dtf_jax.tools.model_info import int_at_least
 
 
@@ -117,4 +117,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(errors.run_main(main))

@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dtf_jax import flops, tpu_target
+from dtf_jax import errors, flops, tpu_target
 from dtf_jax.layers.temporal import TEMPORAL_MODULES
 from dtf_jax.models import REMAT_OPTIONS, create_model, list_models, model_spec, size_kwargs
 
@@ -280,4 +280,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(errors.run_main(main))

@@ -24,7 +24,15 @@ Output: per file its top ``--top`` classes with scores (``--json``: one JSON lin
 over its views; ``--per-view`` adds ``view_features N V D``), with ``files``, ``scores N C`` and
 ``class_names``; ``--out``: the video with the top-1 class and score drawn on it (a file for one
 video, a directory for several; frames upscaled to a short side of at least 256 to be readable).
-A file that cannot be decoded is reported and skipped; the exit code is 1 if any was, else 0.
+A file that cannot be decoded (or a URL of a scheme other than ``gs://``) is reported and skipped;
+the exit code is 1 if any was, else 0.
+
+Outputs are checked before any work: an existing ``--out`` or ``--features`` file is refused
+without ``--overwrite``, and an output that is one of the input videos (however the path is
+spelled) is refused always. The work is bounded by what the videos have: ``--clips`` above the
+number of distinct clip starts of the longest video is lowered to it, ``--batch-size`` above the
+number of views to that number, and a batch whose compiled forward needs more memory than the
+device has free is refused, naming the largest that fits.
 """
 
 import argparse
@@ -40,7 +48,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from dtf_jax import pretrained, storage
+from dtf_jax import errors, pretrained, storage
+from dtf_jax.errors import UserError
 from dtf_jax.data import convert, hide_accelerators_from_tf, video as video_lib
 from dtf_jax.models import model_spec
 
@@ -115,22 +124,53 @@ def _log(message: str) -> None:
 
 
 def encode_files(files: Sequence[str], protocol: Protocol):
-  """Each file as the converter writes it -> ``(records, failures)``: ``[(index, serialized
-  SequenceExample)]`` of the decodable files, in order, and ``{index: error}`` of the others."""
-  records, failures = [], {}
+  """Each file as the converter writes it -> ``(records, frames, failures)``: ``[(index,
+  serialized SequenceExample)]`` of the decodable files, in order, their frame counts, and
+  ``{index: error}`` of the others (undecodable, or a URL that ``dtf_jax.storage`` cannot read)."""
+  records, counts, failures = [], [], {}
   for i, path in enumerate(files):
     begin = time.time()
     item = convert.VideoItem(id=str(i), path=path, filename=os.path.basename(path),
                              label_index=-1, label_text='')
     try:
+      storage.path(path)  # an unsupported URL scheme: ValueError naming it
       record, frames = convert.encode_video(item, protocol.encode)
-    except video_lib.VideoDecodeError as e:
+    except (video_lib.VideoDecodeError, ValueError) as e:
       failures[i] = str(e)
       _log(f'skipped {path}: {e}')
       continue
     records.append((i, record))
+    counts.append(frames)
     _log(f'decoded {path}: {frames} frames ({time.time() - begin:.1f} s)')
-  return records, failures
+  return records, counts, failures
+
+
+def bounded_clips(protocol: Protocol, frame_counts: Sequence[int]) -> Protocol:
+  """``protocol`` with no more clips than the longest video has distinct clip starts (a clip
+  spans ``(clip_length - 1) * stride + 1`` frames; a shorter video has one)."""
+  span = (protocol.clip_length - 1) * protocol.stride + 1
+  most = max(max(1, n - span + 1) for n in frame_counts)
+  if protocol.num_clips <= most:
+    return protocol
+  _log(f'--clips {protocol.num_clips}: the longest video has {most} distinct clip start'
+       f'{"s" * (most > 1)} ({max(frame_counts)} frames, clips of {span}); using {most}')
+  return dataclasses.replace(protocol, num_clips=most)
+
+
+def available_memory(device) -> Optional[int]:
+  """Bytes free for one program on ``device``: the host's available memory for a CPU device,
+  else the device's memory limit less what is in use; None if unknown."""
+  if device.platform == 'cpu':
+    try:
+      with open('/proc/meminfo', encoding='ascii') as f:
+        info = dict(line.split(':', 1) for line in f)
+      return int(info['MemAvailable'].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+      return None
+  stats = device.memory_stats() or {}
+  if 'bytes_limit' not in stats:
+    return None
+  return stats['bytes_limit'] - stats.get('bytes_in_use', 0)
 
 
 def records_source(records: List[bytes], class_names: Sequence[str]):
@@ -164,6 +204,20 @@ def predict_records(model, variables, records: List[bytes], class_names: Sequenc
     probs = jax.nn.softmax(model.apply(variables, video, train=False).astype(jnp.float32))
     return probs, (model.apply(variables, video, features=True) if with_features else None)
 
+  shape = (batch_size, protocol.clip_length, protocol.size, protocol.size, 3)
+  run = run.lower(variables, jax.ShapeDtypeStruct(shape, jnp.float32)).compile()
+  memory, free = run.memory_analysis(), available_memory(jax.devices()[0])
+  if memory is not None and free is not None:
+    need = (memory.argument_size_in_bytes + memory.temp_size_in_bytes +
+            memory.output_size_in_bytes)
+    batch_bytes = np.prod(shape) * 4
+    if need + 2 * batch_bytes > free:  # the input pipeline holds about two batches more
+      per_view = max(1, (need + 2 * batch_bytes) // batch_size)
+      raise MemoryBoundError(
+          f'--batch-size {batch_size}: the forward pass of {batch_size} views needs '
+          f'{(need + 2 * batch_bytes) / 2**30:.1f} GiB, {free / 2**30:.1f} GiB are free; '
+          f'use --batch-size {max(1, free // per_view // 2)} or less')
+
   views = data.views_per_video
   scores = np.zeros((len(records), views, len(class_names)), np.float32)
   features = None
@@ -178,6 +232,10 @@ def predict_records(model, variables, records: List[bytes], class_names: Sequenc
       features[rows, cols] = feats[keep]
     _log(f'views: batch {b + 1}/{data.num_batches}')
   return scores.mean(1), features
+
+
+class MemoryBoundError(UserError, ValueError):
+  """A batch that does not fit the device's free memory (the message names the flag)."""
 
 
 def annotate(path: str, out: str, text: str) -> int:
@@ -229,6 +287,8 @@ def parse_args(argv=None):
   parser.add_argument('--out', default=None,
                       help='write the video with the top-1 class drawn on it (an .mp4 for one '
                            'video, a directory for several).')
+  parser.add_argument('--overwrite', action='store_true',
+                      help='replace existing --out / --features files (never an input video).')
   args = parser.parse_args(argv)
   if args.top < 1 or args.batch_size < 1 or (args.clips is not None and args.clips < 1):
     parser.error('--top, --batch-size and --clips must be >= 1')
@@ -253,21 +313,40 @@ def _annotated_paths(out: str, files: Sequence[str]) -> List[str]:
   return paths
 
 
+def check_outputs(args) -> List[str]:
+  """Before any work: every file predict would write can be written (see
+  ``dtf_jax.storage.check_output``); returns the annotated videos' paths."""
+  if args.out and len(args.video) > 1 and storage.path(args.out).exists() and not \
+      storage.path(args.out).is_dir():
+    raise storage.OutputError(f'--out {args.out} is a file; give a folder for several videos')
+  annotated = _annotated_paths(args.out, args.video) if args.out else []
+  for out in annotated:
+    storage.check_output(out, '--out', args.overwrite, inputs=args.video)
+  if args.features:
+    storage.check_output(args.features, '--features', args.overwrite, inputs=args.video)
+  if args.features and any(storage.same_file(args.features, a) for a in annotated):
+    raise storage.OutputError(f'--features {args.features} is also an --out video')
+  return annotated
+
+
 def main(argv=None) -> int:
   args = parse_args(argv)
+  annotated = check_outputs(args)
   hide_accelerators_from_tf()  # before TensorFlow (the converter, the pipeline) makes devices
   model, variables, class_names, protocol = load_model(args.checkpoint, args.step, args.clips,
                                                        args.crops)
   num_classes = len(class_names)
 
-  records, failures = encode_files(args.video, protocol)
+  records, frame_counts, failures = encode_files(args.video, protocol)
   scores = features = None
   if records:
+    protocol = bounded_clips(protocol, frame_counts)
+    views = len(records) * protocol.num_clips * protocol.num_crops
     scores, features = predict_records(model, variables, [r for _, r in records], class_names,
-                                       protocol, args.batch_size, bool(args.features))
+                                       protocol, min(args.batch_size, views),
+                                       bool(args.features))
   row_of = {i: r for r, (i, _) in enumerate(records)}  # file index -> row of scores
   top = min(args.top, num_classes)
-  annotated = _annotated_paths(args.out, args.video) if args.out else []
   for i, file in enumerate(args.video):
     if i in failures:
       line = {'file': file, 'error': failures[i]}
@@ -301,4 +380,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  sys.exit(errors.run_main(main))

@@ -25,7 +25,9 @@ percentile.
 Written to ``--out``: ``gradcam.png`` (the view's frames and the Grad-CAM on them, with the two
 locations), ``filters.png`` (one row per location and quantity, one column per DTF stage),
 ``values.npz`` (every plotted number, and the filters per channel) and ``index.html`` (both
-pictures with the prediction and the locations). Exit code 1 if the file cannot be decoded.
+pictures with the prediction and the locations). Exit code 1 if the file cannot be decoded. An
+``--out`` that is a file, or a folder holding an earlier visualization (without ``--overwrite``),
+is refused before any work.
 """
 
 import argparse
@@ -37,7 +39,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from dtf_jax import storage
+from dtf_jax import errors, storage
 from dtf_jax.data import hide_accelerators_from_tf, ops
 from dtf_jax.layers.dtf import FILTER_NAME
 from dtf_jax.models import model_spec
@@ -328,6 +330,8 @@ def parse_args(argv=None):
                       help='a pretrained directory (convert_torch output) or a trainer workdir.')
   parser.add_argument('--video', required=True, help='one video file (local or URL).')
   parser.add_argument('--out', required=True, help='output directory (local or URL).')
+  parser.add_argument('--overwrite', action='store_true',
+                      help='replace the visualization that --out already holds.')
   parser.add_argument('--step', type=int, default=None,
                       help='checkpoint step of a workdir (default: the latest).')
   parser.add_argument('--clips', type=int, default=None,
@@ -362,8 +366,21 @@ def _target_index(target: Optional[str], class_names: List[str]) -> Optional[int
                    f'{" ..." if len(class_names) > 20 else ""}')
 
 
+def check_out(args) -> None:
+  """Before any work: ``--out`` is (or can become) a writable folder that holds no earlier
+  visualization (unless ``--overwrite``)."""
+  out = storage.path(args.out)
+  if out.exists() and not out.is_dir():
+    raise storage.OutputError(f'--out {args.out} is a file; give a folder')
+  if (out / 'index.html').exists() and not args.overwrite:
+    raise storage.OutputError(f'--out {args.out} holds a visualization (index.html); pass '
+                              '--overwrite to replace it')
+  storage.check_output(out / 'index.html', '--out', overwrite=True, inputs=[args.video])
+
+
 def main(argv=None) -> int:
   args, parser = parse_args(argv)
+  check_out(args)
   hide_accelerators_from_tf()
   model, variables, class_names, protocol = predict.load_model(
       args.checkpoint, args.step, args.clips, 1, remat='none', dtype='float32')
@@ -440,4 +457,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  sys.exit(errors.run_main(main))

@@ -13,8 +13,10 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from dtf_jax import convert, storage
+from dtf_jax.errors import quiet_closed_event_loop_noise
 from dtf_jax.models import model_spec
-from dtf_jax.pretrained import CHECKPOINT_DIR, CONFIG_FILE, STATE_ITEM, load_pretrained
+from dtf_jax.pretrained import CHECKPOINT_DIR, CONFIG_FILE, STATE_ITEM, CheckpointError, \
+    error_reason, load_pretrained
 from dtf_jax.train.config import Setup, log
 from dtf_jax.train.state import TrainState
 
@@ -63,14 +65,6 @@ def restore_variables(manager, step: int, s: Setup) -> Tuple[Dict[str, Any], dic
   return variables, {}
 
 
-class CheckpointError(RuntimeError):
-  """A checkpoint that cannot be restored (damaged files, or one that does not fit the config)."""
-
-
-def _reason(e: Exception) -> str:
-  return f'{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ""}'
-
-
 def restore_step(manager, step: int, s: Setup, restore=restore_checkpoint):
   """``restore(manager, step, s)`` (:func:`restore_checkpoint` or :func:`restore_variables`),
   failing with one line (:class:`CheckpointError`)."""
@@ -78,7 +72,7 @@ def restore_step(manager, step: int, s: Setup, restore=restore_checkpoint):
     return restore(manager, step, s)
   except Exception as e:  # pylint: disable=broad-except
     raise CheckpointError(f'checkpoint {step} in {manager.directory} does not restore: '
-                          f'{_reason(e)}') from e
+                          f'{error_reason(e)}') from e
 
 
 def restore_latest(manager, s: Setup, set_aside: bool = False, restore=restore_checkpoint):
@@ -94,6 +88,7 @@ def restore_latest(manager, s: Setup, set_aside: bool = False, restore=restore_c
       state, progress = restore_step(manager, step, s, restore)
     except CheckpointError as e:
       errors.append(e)
+      quiet_closed_event_loop_noise()  # the failed reads' leftovers: hundreds of tracebacks
       continue
     for skipped, error in zip(steps, errors):
       log(f'skipped {error}')

@@ -1,5 +1,6 @@
-"""The training loop: steps, logs, checkpoints, periodic eval, SIGTERM."""
+"""The training loop: steps, logs, checkpoints, periodic eval, SIGTERM, the workdir's lock."""
 
+import contextlib
 import signal
 import time
 from typing import Optional
@@ -10,7 +11,7 @@ import numpy as np
 from clu import metric_writers, parameter_overview, periodic_actions
 from jax.experimental import multihost_utils
 
-from dtf_jax import storage
+from dtf_jax import lockfile, storage
 from dtf_jax.data import pipeline
 from dtf_jax.train.checkpoints import checkpoint_manager, init_from, restore_latest, \
     save_checkpoint, write_config
@@ -52,12 +53,43 @@ class _Preemption:
     return bool(flag) or manager.reached_preemption(step)
 
 
+# A training run holds WORKDIR/train.lock (dtf_jax.lockfile): a second run on the same workdir is
+# refused; evaluation does not take it and may share the workdir.
+TRAIN_LOCK = 'train.lock'
+_HOLDER = 'training run'
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir):
+  """Process 0 holds ``workdir/train.lock`` while the block runs; every process raises
+  ``lockfile.LockHeld`` if it cannot be taken. Yields the lock's path."""
+  lock = storage.path(workdir) / TRAIN_LOCK
+  with contextlib.ExitStack() as stack:
+    error = ''
+    if jax.process_index() == 0:
+      try:
+        stack.enter_context(lockfile.hold(lock, _HOLDER))
+      except lockfile.LockHeld as e:
+        error = str(e)
+    if jax.process_count() > 1:
+      failed = bool(multihost_utils.process_allgather(np.array(bool(error))).any())
+      error = error or (f'process 0 could not take the workdir lock {lock}' if failed else '')
+    if error:
+      raise lockfile.LockHeld(error)
+    yield lock
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, with_eval: bool = False,
           stop_after: Optional[int] = None):
   """Trains (resuming from the latest checkpoint in ``workdir``); returns the final state and,
   with ``with_eval``, the last eval results. ``stop_after``: save and return after that many
-  steps of this call (a time-limited job; the next call resumes)."""
-  workdir = storage.path(workdir)
+  steps of this call (a time-limited job; the next call resumes). Holds the workdir's lock
+  (:func:`workdir_lock`) throughout: ``lockfile.LockHeld`` if another run holds it."""
+  with workdir_lock(workdir) as lock:
+    return _train(config, storage.path(workdir), with_eval, stop_after, lock)
+
+
+def _train(config, workdir, with_eval, stop_after, lock):
   s = setup(config)
   writer = metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
   manager = checkpoint_manager(workdir, config.keep_checkpoints)
@@ -128,6 +160,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, with_eval: bool = Fal
           eval_results = evaluate(s, {'params': state.params, 'batch_stats': state.batch_stats},
                                     step, workdir, writer)
         if save_now:
+          if jax.process_index() == 0:  # in a bucket the lock is advisory: still ours?
+            lockfile.check(lock, _HOLDER)
           save_checkpoint(manager, state, {'step': step, 'data_index': data_index},
                           {'top1': eval_results['top1']}
                           if eval_now and eval_results['labelled'] else None)

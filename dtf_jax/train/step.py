@@ -7,11 +7,12 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from dtf_jax.errors import UserError
 from dtf_jax.train.config import Setup
 from dtf_jax.train.sharding import MeshJit
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
   """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
