@@ -264,6 +264,7 @@ def _random_model_variables(model, video, seed):
   return out
 
 
+@pytest.mark.slow
 def test_gradients_reach_every_model_parameter():
   """Tiny DTF-R50 (width 8), train mode: every parameter gets a finite, nonzero gradient,
   including all four DTF parameters of all 16 bottlenecks (alpha random, not zero)."""

@@ -65,6 +65,7 @@ def test_quick_plan_covers_every_row_once():
   assert {r.frames for r in runs if r.task == 'long_range'} == set(s.fig6_frames)
 
 
+@pytest.mark.slow
 def test_smoke_run_writes_report_and_resumes(tmp_path, capsys):
   out = str(tmp_path / 'results')
   assert synthetic_ablation.main(['--quick', '--smoke', '--out', out, '--workers', '1']) == 0
@@ -86,6 +87,7 @@ def test_smoke_run_writes_report_and_resumes(tmp_path, capsys):
   assert '2 already done' in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_budget_smoke_writes_learning_curves(tmp_path):
   out = str(tmp_path / 'results')
   assert synthetic_ablation.main(['--budget', '--smoke', '--out', out, '--workers', '1']) == 0

@@ -355,6 +355,7 @@ def test_visualize_filters_and_last_stage_gradcam_equal_a_direct_computation(tra
   np.testing.assert_allclose(modulated, convolved, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_visualize_default_stage_gradcam_and_locations(trained, tmp_path, capsys):
   import jax  # pylint: disable=import-outside-toplevel
   import flax.linen as nn  # pylint: disable=import-outside-toplevel

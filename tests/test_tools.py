@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dtf_jax import flops
+from dtf_jax import flops, pretrained
 from dtf_jax.models import create_model
 from dtf_jax.pretrained import load_pretrained, read_meta, save_pretrained
 from dtf_jax.tools import benchmark_model, model_info
@@ -212,7 +212,8 @@ def test_model_info_no_compile(capsys):
 
 @pytest.mark.parametrize('name,frames,official', [('dtf_r50', 16, 28_951_472),
                                                    ('dtf_r50', 64, 50_668_304),
-                                                   ('dtf_r101', 64, 93_283_088)])
+                                                   pytest.param('dtf_r101', 64, 93_283_088,
+                                                                marks=pytest.mark.slow)])
 def test_model_info_official_parameter_totals(capsys, name, frames, official):
   """Trainable parameters + the fixed weights_cor equal the official nn.Parameter counts."""
   model_info.main(['--model', name, '--clip-length', str(frames), '--size', '64', '--no-compile'])
@@ -283,6 +284,7 @@ def test_model_info_train_step_memory_and_remat(monkeypatch, capsys):
 # benchmark_model (CLI smoke test on tiny models)
 # --------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_benchmark_model_compare_cli(monkeypatch, capsys):
   """main() with --compare on tiny ResNets (create_model patched to add tiny-size kwargs).
 

@@ -145,6 +145,7 @@ def test_video_ids_are_cut_on_a_character():
 # Resume, eval, init_from (in this process, one device).
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted_and_eval_matches_direct(dataset, tmp_path):
   import jax  # pylint: disable=import-outside-toplevel
   from dtf_jax import train  # pylint: disable=import-outside-toplevel
@@ -220,6 +221,7 @@ def test_resume_equals_uninterrupted_and_eval_matches_direct(dataset, tmp_path):
     np.testing.assert_array_equal(v, a[k], err_msg=k)
 
 
+@pytest.mark.slow
 def test_init_from_pretrained_reinitialises_other_head(dataset, tmp_path):
   import jax  # pylint: disable=import-outside-toplevel
   from dtf_jax import pretrained, train  # pylint: disable=import-outside-toplevel
@@ -255,6 +257,7 @@ def test_init_from_pretrained_reinitialises_other_head(dataset, tmp_path):
     train.init_from(s.init_state(), str(tmp_path), s)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(dataset, tmp_path):
   from dtf_jax import train  # pylint: disable=import-outside-toplevel
   config = tiny_config(dataset, total_steps=30, checkpoint_every_steps=1)
@@ -317,6 +320,7 @@ def _run_steps(dataset, tmp_path, name, devices, **overrides):
   return dict(np.load(out)), info
 
 
+@pytest.mark.slow
 def test_sharded_steps_match_single_device(dataset, tmp_path):
   single, single_info = _run_steps(dataset, tmp_path, 'single', 1)
   runs = {'data-parallel': _run_steps(dataset, tmp_path, 'dp', 8),
@@ -396,11 +400,53 @@ def test_config_errors(dataset, tmp_path):
       ({'model.remat': 'all'}, r"config.model: \w+: remat='all' is not allowed: must be one of"),
       ({'data.blur_prob': 1.5}, r'config.data.blur_prob: must be in \[0, 1\]'),
       ({'data.area_range': (0.5, 0.2)}, 'config.data.area_range: must be .* 0 < low <= high'),
-      ({'optimizer.weight_decay': -1e-4}, 'config.optimizer.weight_decay: must be >= 0')):
+      ({'optimizer.weight_decay': -1e-4}, 'config.optimizer.weight_decay: must be >= 0'),
+      ({'model.early_stride': 2, 'data.clip_length': 7},
+       r'config.model: \w+: clip_length=7 is not allowed: .* a multiple of 2')):
     with pytest.raises(ValueError, match=message):
       train.validate_config(tiny_config(dataset, **overrides))
   with pytest.raises(ValueError, match='num_classes=9 but .* has 8 classes'):
     train.setup(tiny_config(dataset, **{'data.num_classes': 9}))
+
+
+class _Payload:
+  """Unpickling this would create a file: what a malicious checkpoint could do instead."""
+
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return (open, (self.marker, 'w'))
+
+
+def test_init_from_refused_or_mismatched_is_one_line(dataset, tmp_path):
+  torch = pytest.importorskip('torch')
+  marker, evil = tmp_path / 'code_ran', tmp_path / 'evil.pth'
+  torch.save({'conv1.weight': torch.zeros(2), 'extra': _Payload(str(marker))}, evil)
+  workdir = tmp_path / 'run'
+  proc = _main('--config=configs/quickstart.py', f'--workdir={workdir}',
+               f'--config.data.dataset=tfrecord:{dataset}', '--config.model.width=8',
+               '--config.data.clip_length=4', '--config.data.stride=2',
+               '--config.batch_size=8', f'--config.init_from={evil}')
+  last = proc.stderr.strip().splitlines()[-1]
+  assert proc.returncode == 1 and last.startswith('error: ') and str(evil) in last, proc.stderr
+  assert 'weights-only' in last and 'Traceback' not in proc.stderr
+  assert not marker.exists() and not (workdir / 'config.json').exists()
+  assert not list(workdir.glob('checkpoints/[0-9]*'))
+  # A checkpoint of another architecture: the arrays that do not fit, named.
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from dtf_jax import pretrained, train  # pylint: disable=import-outside-toplevel
+  from dtf_jax.models import create_model  # pylint: disable=import-outside-toplevel
+  other = dict(num_classes=8, clip_length=4, width=16)
+  model = create_model('dtf_r50', **other)
+  variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 4, 32, 32, 3)))
+  variables = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), variables)
+  path = pretrained.save_pretrained(str(tmp_path / 'wide'), 'dtf_r50', other, variables)
+  s = train.setup(tiny_config(dataset))
+  with pytest.raises(pretrained.VariablesMismatchError,
+                     match=rf'init_from {path}: .*shape mismatch \[.*checkpoint \(\d+,'):
+    train.init_from(s.init_state(), path, s)
 
 
 def test_config_files_and_arguments():
@@ -419,6 +465,7 @@ def test_config_files_and_arguments():
 # Mixup / CutMix, and starting from an ImageNet checkpoint file through main.py.
 
 
+@pytest.mark.slow
 def test_mixup_and_cutmix_against_direct_computation():
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
@@ -456,6 +503,7 @@ def test_mixup_and_cutmix_against_direct_computation():
   assert kinds == {'mixup', 'cutmix'}
 
 
+@pytest.mark.slow
 def test_init_from_imagenet_file_through_main(dataset, tmp_path):
   """A torchvision-layout ResNet file (one bottleneck per stage, real key names) inflated into the
   quickstart DTF model by main.py; with lr 0 the trained checkpoint keeps the converted weights,

@@ -134,6 +134,7 @@ def _progress(workdir, step):
 # 1. Two processes on localhost.
 
 
+@pytest.mark.slow
 def test_two_processes_train_and_eval(dataset, tmp_path):
   data_dir, val_ids = dataset
   workdir = str(tmp_path / 'run')
@@ -264,6 +265,7 @@ _LOAD = r"""
 """
 
 
+@pytest.mark.slow
 def test_bucket_convert_train_sigterm_eval_resume_load(dataset, gcs, tmp_path):
   data_dir = _convert_into_bucket(gcs, dataset[0])
   run = 'runs/sigterm'
@@ -420,6 +422,7 @@ _RESTORE_2 = _CONFIG + r'''
 '''
 
 
+@pytest.mark.slow
 def test_restore_on_other_device_count(dataset, tmp_path):
   data_dir, _ = dataset
   workdir = str(tmp_path / 'run')

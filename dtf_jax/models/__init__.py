@@ -176,6 +176,13 @@ def check_model_args(name: str, args: Dict[str, Any]) -> None:
     if key in args and not (isinstance(value, (list, tuple)) and value
                             and all(_is_int(v) and v > 0 for v in value)):
       fail(key, f'must be a non-empty list of positive ints ({meaning} per stage)')
+  if 'dtype' in args:
+    try:
+      jnp.dtype(args['dtype'])
+    except TypeError:
+      fail('dtype', "must be a floating dtype, e.g. 'float32' or 'bfloat16'")
+    if not jnp.issubdtype(jnp.dtype(args['dtype']), jnp.floating):
+      fail('dtype', "must be a floating dtype, e.g. 'float32' or 'bfloat16'")
   if args.get('temporal') not in TEMPORAL_MODULES:
     fail('temporal', f'must be one of {sorted(TEMPORAL_MODULES)}')
   if 'remat' in args and args['remat'] not in REMAT_OPTIONS:
@@ -187,6 +194,9 @@ def check_model_args(name: str, args: Dict[str, Any]) -> None:
   if args['clip_length'] < args['early_stride']:
     fail('clip_length', f'the stem folds early_stride={args["early_stride"]} frames into one '
                         f'time step, so it needs at least {args["early_stride"]} frames')
+  if args['clip_length'] % args['early_stride']:
+    fail('clip_length', f'the stem folds early_stride={args["early_stride"]} frames into one '
+                        f'time step, so it must be a multiple of {args["early_stride"]}')
 
   if 'stage_sizes' in args:  # ResNet
     stages = len(args['stage_sizes'])

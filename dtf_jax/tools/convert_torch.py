@@ -107,6 +107,14 @@ def main(argv=None):
   if (output / 'meta.json').exists() and not args.overwrite:  # before the slow part
     sys.exit(f'--output {output} holds converted weights; pass --overwrite to replace them')
 
+  from dtf_jax.models import create_model  # pylint: disable=import-outside-toplevel
+  try:  # the model arguments, before reading a large file
+    create_model(args.model, num_classes=args.num_classes, clip_length=args.clip_length,
+                 **kwargs)
+  except ValueError as e:
+    sys.exit(f'--model {args.model} {" ".join("--model-arg " + a for a in args.model_arg)}: '
+             f'{e}')
+
   start = time.time()
   print(f'Reading {args.input}')
   try:

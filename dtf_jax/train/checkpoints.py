@@ -16,7 +16,7 @@ from dtf_jax import convert, storage
 from dtf_jax.errors import quiet_closed_event_loop_noise
 from dtf_jax.models import model_spec
 from dtf_jax.pretrained import CHECKPOINT_DIR, CONFIG_FILE, STATE_ITEM, CheckpointError, \
-    error_reason, load_pretrained
+    VariablesMismatchError, error_reason, load_pretrained
 from dtf_jax.train.config import Setup, log
 from dtf_jax.train.state import TrainState
 
@@ -117,7 +117,7 @@ def load_init_arrays(path: str, s: Setup) -> Tuple[Dict[str, Any], set]:
       loaded, report = convert.map_state_dict(s.model, convert.read_state_dict(path),
                                               source='auto', stem_init=s.config.init_stem)
     except convert.ConversionError as e:
-      raise ValueError(f'init_from {path}: {e}') from None
+      raise CheckpointError(f'init_from {path}: {e}') from None
     log(f'init_from {path}:\n{report.format()}')
     return ({f'{c}/{p}': v for c, arrays in loaded.items() for p, v in arrays.items()},
             {target for target, _, _ in report.initialised})
@@ -146,8 +146,9 @@ def init_from(state: TrainState, path: str, s: Setup) -> TrainState:
   if missing or unexpected or mismatched:
     hint = (' (config.model.patch_norm=True needs a checkpoint with a patch-embedding norm)'
             if any('patch_embed_norm' in k for k in missing) else '')
-    raise ValueError(f'init_from {path}: missing {missing[:10]}, unexpected {unexpected[:10]}, '
-                     f'shape mismatch {mismatched[:10]}{hint}')
+    raise VariablesMismatchError(
+        f'init_from {path}: missing {missing[:10]}, unexpected {unexpected[:10]}, shape '
+        f'mismatch {mismatched[:10]}{hint}')
   fresh = set(reinit) | (set(want) - set(have))
   merged = traverse_util.unflatten_dict(
       {k: old if k in fresh else jax.device_put(np.asarray(have[k], old.dtype), old.sharding)
