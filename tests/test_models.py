@@ -435,7 +435,9 @@ def test_wrong_clip_length():
 
 
 def test_clip_length_not_multiple_of_early_stride():
-  model = create_model('dtf_r50', **dict(RESNET_KW, clip_length=6))
+  with pytest.raises(ValueError, match=r'clip_length=6 is not allowed: .* a multiple of 4'):
+    create_model('dtf_r50', **dict(RESNET_KW, clip_length=6))
+  model = create_model('dtf_r50', **RESNET_KW).clone(clip_length=6)  # built around the check
   with pytest.raises(ValueError, match=r'clip length 6 is not a multiple of early_stride 4'):
     _shape_apply(model, (1, 6, 32, 32, 3))
 

@@ -419,6 +419,7 @@ class _Payload:
     return (open, (self.marker, 'w'))
 
 
+@pytest.mark.slow
 def test_init_from_refused_or_mismatched_is_one_line(dataset, tmp_path):
   torch = pytest.importorskip('torch')
   marker, evil = tmp_path / 'code_ran', tmp_path / 'evil.pth'

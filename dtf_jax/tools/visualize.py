@@ -310,7 +310,7 @@ def load_view(file: str, protocol: predict.Protocol, class_names: List[str],
   """Clip ``clip`` of ``file`` (of ``protocol.num_clips``), centre crop, as the eval pipeline
   makes it: ``1 T H W 3`` normalised; None (reported) if the file cannot be decoded."""
   from dtf_jax.data import pipeline  # pylint: disable=import-outside-toplevel
-  records, failures = predict.encode_files([file], protocol)
+  records, _, failures = predict.encode_files([file], protocol)
   if failures:
     _log(f'{file} cannot be decoded: {failures[0]}')
     return None
