@@ -167,6 +167,37 @@ def test_main_workdir_held_or_a_file_is_one_line(tmp_path):
   assert sorted(p.name for p in workdir.iterdir()) == []
 
 
+def test_run_main_one_line_for_user_errors_traceback_for_bugs(monkeypatch, capsys):
+  from dtf_jax import errors  # pylint: disable=import-outside-toplevel
+
+  def user_error(argv):
+    raise errors.UserError(f'--flag {argv[0]}: no such thing\n(second line)')
+
+  def missing(argv):
+    raise FileNotFoundError(2, 'No such file or directory', argv[0])
+
+  def bug(argv):
+    raise ValueError('a bug')
+
+  monkeypatch.delenv(errors.DEBUG_ENV, raising=False)
+  assert errors.run_main(user_error, ['x']) == 1
+  assert capsys.readouterr().err == 'error: --flag x: no such thing (second line)\n'
+  assert errors.run_main(missing, ['/no/file']) == 1
+  assert capsys.readouterr().err == 'error: /no/file: No such file or directory\n'
+  with pytest.raises(ValueError, match='a bug'):  # not the user's: the traceback stays
+    errors.run_main(bug, [])
+  monkeypatch.setenv(errors.DEBUG_ENV, '1')
+  with pytest.raises(errors.UserError):
+    errors.run_main(user_error, ['x'])
+
+
+def test_convert_torch_model_arguments_checked_before_reading(tmp_path):
+  message = _convert_args(tmp_path, ['--model-arg', 'dtype=notatype'])
+  assert "dtype='notatype' is not allowed: must be a floating dtype" in message
+  message = _convert_args(tmp_path, ['--model-arg', 'dtype=int32'])
+  assert "dtype='int32' is not allowed" in message
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. convert_torch: unreadable checkpoints and an --output that is a file
 
@@ -177,6 +208,18 @@ def _convert(tmp_path, src, out):
                         '--input', str(src), '--output', str(out)])
   message = info.value.code  # a string: printed on stderr, exit code 1
   assert isinstance(message, str) and '\n' not in message, message
+  return message
+
+
+def _convert_args(tmp_path, extra):
+  """convert_torch's one-line error for an input that does not exist (never read) and ``extra``."""
+  with pytest.raises(SystemExit) as info:
+    convert_torch.main(['--model', 'dtf_r50', '--clip-length', '8', '--num-classes', '5',
+                        '--input', str(tmp_path / 'absent.pth'), '--output',
+                        str(tmp_path / 'out'), *extra])
+  message = info.value.code
+  assert isinstance(message, str) and '\n' not in message, message
+  assert not (tmp_path / 'out').exists()
   return message
 
 

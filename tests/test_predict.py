@@ -193,7 +193,8 @@ def test_outputs_checked_before_any_work(trained, tmp_path, capsys):
   assert (out / 'index.html').read_text() == 'earlier'
 
 
-def test_work_bounded_by_the_video_urls_skipped_and_steps_checked(trained, tmp_path, capsys):
+def test_work_bounded_by_the_video_urls_skipped_and_steps_checked(trained, tmp_path, capsys,
+                                                                 monkeypatch):
   root, workdir, config, _ = trained
   file = str(root / 'videos' / 'validation' / '000003.mp4')  # 8 frames, clips span 7: 2 starts
   assert predict.main(['--checkpoint', str(workdir), '--video', file, '--json', '--clips', '2',
@@ -210,6 +211,13 @@ def test_work_bounded_by_the_video_urls_skipped_and_steps_checked(trained, tmp_p
   assert lines[2]['views'] == 2 and lines[2]['top'] == expected['top']
   assert '--clips 100000: the longest video has 2 distinct clip starts' in captured.err
   assert 'views: batch 1/1' in captured.err  # the batch is the 2 views, not 100000
+  # A batch whose compiled forward needs more than the free memory: one line, before any batch.
+  monkeypatch.setattr(predict, 'available_memory', lambda device: 2 ** 20)
+  message = _one_line_error(predict.main, ['--checkpoint', str(workdir), '--video', file,
+                                           '--clips', '2', '--crops', '3'], capsys)
+  assert message.startswith('error: --batch-size 6: the forward pass of 6 views needs ')
+  assert 'GiB are free; use --batch-size 1 or less' in message
+  monkeypatch.undo()
   for step in ('999', '-5'):
     assert f'no checkpoint for step {step} (steps: [{config.total_steps}])' in _one_line_error(
         predict.main, ['--checkpoint', str(workdir), '--video', file, '--step', step], capsys)
