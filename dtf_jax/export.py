@@ -28,10 +28,11 @@ holds three files:
 An example whose video holds a NaN or an infinity gets NaN logits (``dtf_jax.models``), in the
 exported function as in the model.
 
-The DTF block's frame-wise aggregation is exported with a portable implementation: a model built
-with ``fa_impl='pallas'`` (or ``'auto'``) is exported with ``fa_impl='scan'``, the same numbers
-(see ``dtf_jax.layers.aggregation``). A Pallas kernel lowers for the backend it is traced on only
-(Triton for CUDA, Mosaic for TPU) and not with a symbolic batch. ``'xla'`` is kept.
+The DTF block is exported with portable implementations: a model built with ``fa_impl='pallas'``
+(or ``'auto'``) is exported with ``fa_impl='scan'``, and with ``block_impl='parts'`` whatever its
+``block_impl``, the same numbers (see ``dtf_jax.layers.aggregation`` and ``dtf_jax.layers.dtf``).
+A Pallas kernel lowers for the backend it is traced on only (Triton for CUDA, Mosaic for TPU)
+and not with a symbolic batch. ``'xla'`` is kept.
 """
 
 import hashlib
@@ -61,11 +62,13 @@ class ExportError(UserError, ValueError):
 
 
 def _portable(model):
-  """``model`` with a frame-wise aggregation that lowers for every platform (module docstring)."""
-  impl = getattr(model, 'fa_impl', None)
-  if impl is None or impl in PORTABLE_FA_IMPLS:
-    return model
-  return model.clone(fa_impl='scan')
+  """``model`` with a DTF block that lowers for every platform (module docstring)."""
+  changes = {}
+  if getattr(model, 'fa_impl', None) not in (None,) + PORTABLE_FA_IMPLS:
+    changes['fa_impl'] = 'scan'
+  if getattr(model, 'block_impl', None) not in (None, 'parts'):
+    changes['block_impl'] = 'parts'
+  return model.clone(**changes) if changes else model
 
 
 def _frame_size(model, size: Optional[int]) -> int:

@@ -127,6 +127,8 @@ def _walk(jaxpr, scope: str, totals: Dict[str, int], repeat: int = 1):
         options.append(option)
       totals.update(max(options, key=lambda o: sum(o.values())))
       continue
+    if eqn.primitive.name == 'pallas_call' and str(eqn.params['name']).startswith('dtf_block_'):
+      continue  # the fused DTF block (one row's jaxpr); its 'parts' branch is counted
     counted = _eqn_macs(eqn, eqn_scope)
     if counted:
       totals[counted[0]] += repeat * counted[1]

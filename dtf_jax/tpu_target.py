@@ -36,14 +36,16 @@ class Chip:
   bf16_flops: float  # dense peak FLOP/s (2 per multiply-add)
   hbm_bytes_per_s: float
   chip_config: str  # libtpu's chip config: one JAX device per chip
+  vmem_bytes: int  # per TensorCore (JAX's Pallas TPU hardware table)
 
 
 GIB = 2 ** 30
+MIB = 2 ** 20
 CHIPS = {
-    'v4': Chip('TPU v4', 32 * GIB, 275e12, 1228e9, 'megacore'),
-    'v5e': Chip('TPU v5 lite', 16 * GIB, 197e12, 819e9, 'default'),
-    'v5p': Chip('TPU v5', 95 * GIB, 459e12, 2765e9, 'default'),
-    'v6e': Chip('TPU v6 lite', 32 * GIB, 918e12, 1640e9, 'default'),
+    'v4': Chip('TPU v4', 32 * GIB, 275e12, 1228e9, 'megacore', 16 * MIB),
+    'v5e': Chip('TPU v5 lite', 16 * GIB, 197e12, 819e9, 'default', 128 * MIB),
+    'v5p': Chip('TPU v5', 95 * GIB, 459e12, 2765e9, 'default', 64 * MIB),
+    'v6e': Chip('TPU v6 lite', 32 * GIB, 918e12, 1640e9, 'default', 128 * MIB),
 }
 CHIPS_PER_HOST = (2, 2, 1)
 # Cloud TPU accelerator-type names (v4 and v5p count TensorCores, two per chip).
@@ -95,6 +97,20 @@ def parse_target(text: str) -> Target:
   return Target(generation, topology, slices)
 
 
+_DESCRIBED = []  # the targets that target_devices described in this process, last one last
+
+
+def compile_chip() -> Optional[Chip]:
+  """The chip that programs are compiled for now: this host's TPU where JAX runs on one, else
+  the target that :func:`target_devices` described last in this process (ahead-of-time), else
+  None. Kernels size their VMEM use by it."""
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.default_backend() == 'tpu':
+    kind = jax.devices()[0].device_kind
+    return next((chip for chip in CHIPS.values() if chip.name == kind), None)
+  return _DESCRIBED[-1].chip if _DESCRIBED else None
+
+
 def _host_has_tpu() -> bool:
   return bool(glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*'))
 
@@ -117,13 +133,15 @@ def target_devices(target: Target):
   try:
     from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
     bounds = tuple(min(d, b) for d, b in zip(target.topology + (1,), CHIPS_PER_HOST))
-    return topologies.get_topology_desc(
+    devices = topologies.get_topology_desc(
         platform='tpu', topology_name=target.name.split(',')[0],
         chip_config_name=target.chip.chip_config, chips_per_host_bounds=bounds,
         num_slices=target.slices).devices
   except Exception as e:  # pylint: disable=broad-except
     raise RuntimeError(f'cannot describe TPU target {target.name}: {e}. Compiling for TPU needs '
                        "JAX's TPU runtime: pip install -e '.[tpu]'") from e
+  _DESCRIBED.append(target)
+  return devices
 
 
 def libtpu_available() -> Optional[str]:

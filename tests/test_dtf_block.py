@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dtf_jax import tpu_target
+from dtf_jax.layers import dtf_pallas
 from dtf_jax.layers.aggregation import frame_aggregation, frame_correlation
 from dtf_jax.layers.dtf import DTFBlock
 from dtf_jax.layers.spectral import DFT_SCOPE, irfft_time, resolve_spectral_impl, rfft_time
@@ -133,6 +135,66 @@ def test_block_matches_numpy_reference_train(time, fa_impl, spectral_impl):
   # Train mode uses batch statistics, not the (random) running ones: the output differs from eval.
   y_eval = _eval(block, variables, x)
   assert np.abs(np.asarray(y_eval) - np.asarray(y)).max() > 1e-2
+
+
+@pytest.mark.parametrize('rows', [None, 2])
+def test_fused_block_matches_numpy_reference(rows, monkeypatch):
+  """``block_impl='fused'`` (the Pallas kernels, interpreted on the CPU) on whole clips and on row
+  tiles of 2 rows (each with the 2 rows below): eval and train outputs and the running statistics
+  equal the NumPy reference (G = 2: every bin and part its own estimator channel); the gradient
+  of a training step (the backward kernels; the tiles' rows above and below added across tiles)
+  equals that of ``'parts'`` in the input and every parameter."""
+  if rows:
+    monkeypatch.setattr(dtf_pallas, 'tile_rows', lambda *args: rows)
+  x = _random_input((2, 4, 4, 5, 8), seed=7)  # T = 4: a Nyquist bin
+  block = DTFBlock(block_impl='fused', group_factor=2)
+  variables = _random_variables(block, x, seed=8)
+  official = dict(_numpy_args(variables), G=2)
+  evaluate = lambda v, x: block.apply(v, x)  # noqa: E731
+  train = lambda v, x: block.apply(v, x, train=True, mutable=['batch_stats'])  # noqa: E731
+  jaxpr = str(jax.make_jaxpr(train)(variables, x))
+  assert 'dtf_block_moments' in jaxpr and 'dtf_block_output' in jaxpr
+  y = jax.jit(evaluate)(variables, x)
+  ref = dtf_block_numpy(_to_official(x), **official, train=False).transpose(0, 2, 3, 4, 1)
+  _report('fused eval', y, ref)
+  np.testing.assert_allclose(np.asarray(y), ref, atol=ATOL, rtol=RTOL)
+  y, updates = jax.jit(train)(variables, x)
+  ref, ref_mean, ref_var = dtf_block_numpy(_to_official(x), **official, train=True)
+  _report('fused train', y, ref.transpose(0, 2, 3, 4, 1))
+  np.testing.assert_allclose(np.asarray(y), ref.transpose(0, 2, 3, 4, 1), atol=ATOL, rtol=RTOL)
+  stats = updates['batch_stats']['spectrum_norm']
+  np.testing.assert_allclose(np.asarray(stats['mean']), ref_mean, atol=ATOL, rtol=RTOL)
+  np.testing.assert_allclose(np.asarray(stats['var']), ref_var, atol=ATOL, rtol=RTOL)
+
+  def grads(impl):
+    other = DTFBlock(block_impl=impl, group_factor=2)
+    weights = jnp.arange(8.0)  # a different cotangent per channel
+    loss = lambda p, x: jnp.sum(jnp.sin(other.apply(  # noqa: E731
+        {**variables, 'params': p}, x, train=True, mutable=['batch_stats'])[0]) * weights)
+    return jax.jit(jax.grad(loss, argnums=(0, 1)))(variables['params'], x)
+  got, want = grads('fused'), grads('parts')
+  assert 'dtf_block_grad' in str(jax.make_jaxpr(jax.grad(
+      lambda x: jnp.sum(block.apply(variables, x, train=True, mutable=['batch_stats'])[0])))(x))
+  for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+    scale = np.abs(np.asarray(w)).max()
+    _report(f'fused gradient {jax.tree_util.keystr(path)}', g, w)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5 * scale, rtol=1e-4)
+
+
+def test_fused_block_row_tiles_fit_the_vmem_budget(monkeypatch):
+  """``tile_rows``: the whole clip where it fits, else the largest even divisor of H whose
+  double-buffered tiles (with the 2 rows below, and their VMEM copy) fit; 0 where none does."""
+  monkeypatch.setattr(tpu_target, '_DESCRIBED', [])  # no TPU target: v4's 16 MiB, less 4
+  budget = dtf_pallas.vmem_budget()
+  assert budget == 12 * 2 ** 20
+  assert dtf_pallas.tile_rows((4, 4, 28, 28, 128), 2, 3, 0) == 28  # DTF-R50 stage 2: whole
+  row_in, row_out = 16 * 64 * 128 * 2, 16 * 56 * 128 * 2  # T = 16 rows of 58 / 56 columns
+  rows = dtf_pallas.tile_rows((4, 16, 56, 56, 128), 2, 3, 0)  # DTF-Swin stage 1
+  assert 0 < rows < 56 and 56 % rows == 0 and rows % 2 == 0
+  assert 2 * 58 * row_in + 2 * 56 * row_out > budget  # the whole clip does not fit
+  assert (3 * (rows + 2) + 2) * row_in + 2 * rows * row_out <= budget
+  assert dtf_pallas.tile_rows((4, 16, 14, 14, 512), 2, 3, budget) == 0  # weights fill VMEM
+  assert not dtf_pallas.supported((4, 16, 14, 14, 512), jnp.bfloat16, 3, 16)  # DTF-Swin stage 3
 
 
 def test_frame_ops_match_definition():

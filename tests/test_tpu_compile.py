@@ -14,6 +14,8 @@ import pytest
 from configs import base, quickstart
 from dtf_jax import tpu_target
 from dtf_jax.layers import aggregation
+from dtf_jax.layers import dtf
+from dtf_jax.layers.dtf import DTFBlock
 from dtf_jax.train import preflight
 from dtf_jax.train.sharding import param_spec
 
@@ -156,7 +158,7 @@ def test_compile_only_bad_target_is_one_line(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def tiny_config(family: str, fa_impl: str) -> ml_collections.ConfigDict:
+def tiny_config(family: str, fa_impl: str, block_impl: str = 'auto') -> ml_collections.ConfigDict:
   """A tiny run: 4 frames of 32² (T = 4 in every DTF block), global batch 8 (2 per chip),
   bfloat16, fsdp 2; DTF ResNet with two stages of one bottleneck (both with DTF), or DTF Swin with
   one stage of two blocks (the unshifted one with DTF). Small, to keep compile times short."""
@@ -168,6 +170,7 @@ def tiny_config(family: str, fa_impl: str) -> ml_collections.ConfigDict:
     c.model.update(embed_dim=32, depths=(2,), num_heads=(2,), window_size=4, early_stride=1)
     c.data.num_classes = 8
   c.model.fa_impl = fa_impl
+  c.model.block_impl = block_impl
   c.compute_dtype = 'bfloat16'
   c.data.clip_length, c.data.size, c.data.eval_size = 4, 32, 32
   c.batch_size = c.eval_batch_size = 8
@@ -187,11 +190,11 @@ def _state_bytes_per_chip(s, fsdp: int) -> int:
 _COMPILED = {}
 
 
-def _compiled(family, fa_impl):
+def _compiled(family, fa_impl, block_impl):
   """``(setup, train StepResult, eval StepResult)``, compiled once per test session."""
-  key = (family, fa_impl)
+  key = (family, fa_impl, block_impl)
   if key not in _COMPILED:
-    config = tiny_config(family, fa_impl)
+    config = tiny_config(family, fa_impl, block_impl)
     devices = tpu_target.target_devices(tpu_target.parse_target(TARGET))
     s = preflight.setup(config, with_train_data=False, devices=devices)
     train = preflight._compile('train', config, preflight.train_step_lowering(s))
@@ -220,19 +223,21 @@ def test_preflight_tiny_resnet(monkeypatch, capsys):
   assert f'{evaluation.stats.bytes_accessed / 1e9:.2f} GB accessed' in lines['eval']
   assert 'of 16.00 GiB (fits)' in lines['train'] and 'both steps fit' in out
   devices = tpu_target.target_devices(tpu_target.parse_target(TARGET))
-  _COMPILED[('resnet', 'auto')] = (preflight.setup(config, with_train_data=False, devices=devices),
+  _COMPILED[('resnet', 'auto', 'auto')] = (preflight.setup(config, with_train_data=False, devices=devices),
                                    train, evaluation)
 
 
 @tpu_compile
 @pytest.mark.parametrize('family', ['resnet', 'swin'])
-@pytest.mark.parametrize('fa_impl', ['auto', 'xla', 'pallas'])
-def test_train_and_eval_steps_compile_for_tpu_mesh(family, fa_impl):
+@pytest.mark.parametrize('fa_impl,block_impl', [('auto', 'auto'), ('xla', 'parts'),
+                                                ('pallas', 'parts')])
+def test_train_and_eval_steps_compile_for_tpu_mesh(family, fa_impl, block_impl):
   """Each step compiles for 4 TPU v5e chips; the train step's arguments on a chip are the
   fsdp-sharded state and that chip's quarter of the batch, the state donated (aliased); the
-  Pallas kernel is a Mosaic kernel in both steps (not interpreted), and 'auto' is the TPU's
-  choice."""
-  s, train, evaluation = _compiled(family, fa_impl)
+  Pallas kernels are Mosaic kernels (not interpreted): 'auto' is the TPU's choice, the fused DTF
+  block (forward and backward kernels), and with the block's parts, the Pallas aggregation where
+  ``fa_impl`` chooses it."""
+  s, train, evaluation = _compiled(family, fa_impl, block_impl)
   chip = tpu_target.CHIPS['v5e']
   for step in (train, evaluation):
     assert step.stats is not None and step.fits(chip), step.error
@@ -249,10 +254,18 @@ def test_train_and_eval_steps_compile_for_tpu_mesh(family, fa_impl):
   largest = max(range(len(leaves)), key=lambda i: leaves[i].size)
   shard_shape = shards[largest].shard_shape(leaves[largest].shape)
   assert np.prod(shard_shape) * 2 == leaves[largest].size, (leaves[largest].shape, shard_shape)
-  chosen = aggregation.resolve_fa_impl(fa_impl, 'tpu')
-  for step in (train, evaluation):
-    hlo = step.stats.compiled.as_text()
-    assert ('tpu_custom_call' in hlo) == (chosen == 'pallas'), (fa_impl, chosen)
+  train_hlo, eval_hlo = (step.stats.compiled.as_text() for step in (train, evaluation))
+  if dtf.resolve_block_impl(block_impl, 'tpu') == 'fused':
+    for kernel in ('dtf_block_moments', 'dtf_block_output', 'dtf_block_grad_moments',
+                   'dtf_block_grad'):
+      assert kernel in train_hlo, kernel
+    assert 'dtf_block_output' in eval_hlo and 'dtf_block_moments' not in eval_hlo
+    assert 'dtf_frame_wise_aggregation' not in train_hlo + eval_hlo
+  else:
+    chosen = aggregation.resolve_fa_impl(fa_impl, 'tpu')
+    for hlo in (train_hlo, eval_hlo):
+      assert 'dtf_block_' not in hlo
+      assert ('dtf_frame_wise_aggregation' in hlo) == (chosen == 'pallas'), (fa_impl, chosen)
 
 
 @tpu_compile
@@ -277,4 +290,32 @@ def test_pallas_aggregation_compiles_per_shard_on_tpu_mesh(axis_type, mesh_shape
                   for f in (lambda v: aggregation.frame_wise_aggregation(v, 3, 'pallas'),
                             jax.grad(loss)))
   assert hlo.count('tpu_custom_call') >= 2  # the forward and the backward kernel
+  assert 'all-gather' not in hlo
+
+
+@tpu_compile
+@pytest.mark.parametrize('axis_type,mesh_shape', [('explicit', (2, 2)), ('auto', (4, 1))])
+def test_fused_dtf_block_compiles_per_shard_on_tpu_mesh(axis_type, mesh_shape):
+  """The fused DTF block's training step (statistics and output kernels, then the gradient's two)
+  compiled for v5e:2x2 on the meshes above: Mosaic kernels on each chip's videos, the batch never
+  gathered (the statistics and the weights' gradients are summed across chips: all-reduces)."""
+  from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+  devices = tpu_target.target_devices(tpu_target.parse_target(TARGET))
+  kind = AxisType.Explicit if axis_type == 'explicit' else AxisType.Auto
+  mesh = jax.make_mesh(mesh_shape, ('data', 'fsdp'), axis_types=(kind, kind), devices=devices)
+  block = DTFBlock(dtype=jax.numpy.bfloat16, block_impl='fused')
+  x = jax.ShapeDtypeStruct((8, 4, 16, 16, 32), jax.numpy.bfloat16,
+                           sharding=NamedSharding(mesh, P(('data', 'fsdp'))))
+  variables = jax.eval_shape(block.init, jax.random.PRNGKey(0), x)
+  variables = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, P())),
+      variables)
+  def loss(v, x):
+    out, _ = block.apply(v, x, train=True, mutable=['batch_stats'])
+    return jax.numpy.sum(out.astype('float32') ** 2)
+  with jax.set_mesh(mesh):
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(variables, x).compile().as_text()
+  for kernel in ('dtf_block_moments', 'dtf_block_output', 'dtf_block_grad_moments',
+                 'dtf_block_grad'):
+    assert kernel in hlo, kernel
   assert 'all-gather' not in hlo

@@ -314,21 +314,26 @@ def _batch_partitioned(fn, rule: str, num_outputs: int):
   return op
 
 
-def _per_batch_shard(fn, rule: str, num_outputs: int, *args):
+def per_batch_shard(fn, num_outputs: int, *args, rule: str = None, replicated: int = 0):
   """``fn(*args)`` run on each device's part of the batch, through ``shard_map``: over the batch
   axis's mesh axes where they are part of the type (Explicit mesh axes), else over every axis of
   the mesh set with ``jax.set_mesh`` (Auto axes; the trainer sets it) when the batch divides
-  evenly. Without a mesh the op is custom-partitioned along the batch (XLA's partitioner splits it
-  on CPU and GPU; the TPU compiler has no emitter for that route, so set the mesh there)."""
+  evenly. The last ``replicated`` arguments (weights) are whole on every device. Without a mesh
+  the op is custom-partitioned along the batch by the Shardy ``rule`` (XLA's partitioner splits
+  it on CPU and GPU; the TPU compiler has no emitter for that route, so set the mesh there); with
+  weights it is left to XLA as it is."""
   sharding = jax.typeof(args[0]).sharding
   if not sharding.mesh.empty and sharding.spec and sharding.spec[0] is not None:
     spec, mesh = P(sharding.spec[0]), sharding.mesh
   else:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or args[0].shape[0] % mesh.size:
+      if replicated:
+        return fn(*args)
       return _batch_partitioned(fn, rule, num_outputs)(*args)
     spec = P(mesh.axis_names)
-  return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * len(args),
+  batched = len(args) - replicated
+  return jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * batched + (P(),) * replicated,
                        out_specs=(spec,) * num_outputs, check_vma=False)(*args)
 
 
@@ -337,12 +342,12 @@ def frame_wise_aggregation_kernel(x, kernel_size: int, tiling: str = 'frame',
   """``B T H W C -> (out B T H W C in x.dtype, corr B T H W K2 float32)``; forward only.
 
   ``tiling``: ``'frame'`` (TPU) or ``'row'`` (GPU), see the module docstring. Under a mesh the
-  kernel runs on each device's part of the batch (see :func:`_per_batch_shard`).
+  kernel runs on each device's part of the batch (see :func:`per_batch_shard`).
   """
   if tiling not in TILINGS:
     raise ValueError(f'tiling={tiling!r} is not one of {TILINGS}.')
-  return _per_batch_shard(_forward_fn(kernel_size, tiling, interpret),
-                          'b t h w c -> b t h w c, b t h w k', 2, x)
+  return per_batch_shard(_forward_fn(kernel_size, tiling, interpret), 2, x,
+                         rule='b t h w c -> b t h w c, b t h w k')
 
 
 def frame_wise_aggregation_grad(x, g_out, g_corr, kernel_size: int, tiling: str = 'frame',
@@ -351,8 +356,8 @@ def frame_wise_aggregation_grad(x, g_out, g_corr, kernel_size: int, tiling: str 
   (``B T H W C``) and ``g_corr`` (``B T H W K2``): ``B T H W C`` in ``x.dtype``."""
   if tiling not in TILINGS:
     raise ValueError(f'tiling={tiling!r} is not one of {TILINGS}.')
-  return _per_batch_shard(_backward_fn(kernel_size, tiling, interpret),
-                          'b t h w c, b t h w c, b t h w k -> b t h w c', 1, x, g_out, g_corr)[0]
+  return per_batch_shard(_backward_fn(kernel_size, tiling, interpret), 1, x, g_out, g_corr,
+                         rule='b t h w c, b t h w c, b t h w k -> b t h w c')[0]
 
 
 @functools.lru_cache(maxsize=None)

@@ -7,6 +7,31 @@ import jax.numpy as jnp
 from jax import lax
 
 
+def update_running(ra_mean, ra_var, mean, var, count: int, momentum: float):
+  """PyTorch's update of running statistics (variables ``C``) by a batch's ``mean`` and biased
+  ``var`` over ``count`` values per channel: ``momentum`` weighs the batch, the variance made
+  unbiased."""
+  unbiased = var * (count / max(count - 1, 1))
+  ra_mean.value = (1 - momentum) * ra_mean.value + momentum * mean
+  ra_var.value = (1 - momentum) * ra_var.value + momentum * unbiased
+
+
+class RunningStatistics(nn.Module):
+  """The running statistics of a :class:`BatchNorm` without the normalisation, for a caller that
+  computes the batch moments and normalises by itself (the fused DTF block): the same variables
+  ``batch_stats/{mean,var}`` (``C``). Call it for the running ``(mean, var)``; call it with
+  ``batch=(mean, var, count)`` in training to update them (not while initialising)."""
+  momentum: float = 0.1
+
+  @nn.compact
+  def __call__(self, channels: int, batch=None):
+    ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((channels,), jnp.float32))
+    ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((channels,), jnp.float32))
+    if batch is not None and not self.is_initializing():
+      update_running(ra_mean, ra_var, *batch, self.momentum)
+    return ra_mean.value, ra_var.value
+
+
 class BatchNorm(nn.Module):
   """Batch norm over every axis but the last (channels), as ``torch.nn.BatchNorm{1,2,3}d``.
 
@@ -35,10 +60,7 @@ class BatchNorm(nn.Module):
       mean = jnp.mean(xf, axis=axes)
       var = jnp.mean(jnp.square(xf - mean), axis=axes)
       if not self.is_initializing():
-        n = xf.size // channels
-        unbiased = var * (n / max(n - 1, 1))
-        ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * mean
-        ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * unbiased
+        update_running(ra_mean, ra_var, mean, var, xf.size // channels, self.momentum)
     else:
       mean, var = ra_mean.value, ra_var.value
     y = (xf - mean) * lax.rsqrt(var + self.epsilon)

@@ -22,8 +22,8 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from dtf_jax.layers.aggregation import FA_IMPLS
+from dtf_jax.layers.dtf import BLOCK_IMPLS, DTFBlock
 from dtf_jax.layers.spectral import SPECTRAL_IMPLS
-from dtf_jax.layers.dtf import DTFBlock
 from dtf_jax.layers.temporal import FILTER_ESTIMATOR_NAMES, TEMPORAL_MODULES
 from dtf_jax.models.common import REMAT_OPTIONS  # noqa: F401 (the values of `remat`)
 from dtf_jax.models.common import ModelArgumentError
@@ -191,6 +191,8 @@ def check_model_args(name: str, args: Dict[str, Any]) -> None:
     fail('fa_impl', f'must be one of {FA_IMPLS} (the DTF frame-wise aggregation implementation)')
   if 'spectral_impl' in args and args['spectral_impl'] not in SPECTRAL_IMPLS:
     fail('spectral_impl', f'must be one of {SPECTRAL_IMPLS} (the DTF time DFT implementation)')
+  if 'block_impl' in args and args['block_impl'] not in BLOCK_IMPLS:
+    fail('block_impl', f'must be one of {BLOCK_IMPLS} (how the whole DTF block runs)')
   if args['clip_length'] < args['early_stride']:
     fail('clip_length', f'the stem folds early_stride={args["early_stride"]} frames into one '
                         f'time step, so it needs at least {args["early_stride"]} frames')

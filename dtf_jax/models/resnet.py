@@ -32,6 +32,7 @@ class Bottleneck(nn.Module):
   dtype: Any
   fa_impl: str = 'auto'
   spectral_impl: str = 'auto'
+  block_impl: str = 'auto'
   remat: str = 'none'  # 'dtf': the temporal module is rematerialised (see ResNet)
 
   @nn.compact
@@ -44,7 +45,8 @@ class Bottleneck(nn.Module):
     out = nn.relu(norm('bn1')(conv(self.planes, 1, 1, 'conv1')(x), train))
     out = conv(self.planes, 3, self.stride, 'conv2')(out)
     temporal = make_temporal_remat(self.temporal, self.remat, dtype=self.dtype, name='temporal',
-                                   fa_impl=self.fa_impl, spectral_impl=self.spectral_impl)
+                                   fa_impl=self.fa_impl, spectral_impl=self.spectral_impl,
+                                   block_impl=self.block_impl)
     if temporal is not None:
       out = temporal(out, train)
     out = nn.relu(norm('bn2')(out, train))
@@ -77,6 +79,8 @@ class ResNet(nn.Module):
       ``'xla'``, ``'pallas'``; see ``dtf_jax.layers.aggregation``); the same values in each.
     spectral_impl: implementation of the DTF block's time DFTs (``'auto'``, ``'direct'``,
       ``'matmul'``, ``'fft'``; see ``dtf_jax.layers.spectral``); the same values in each.
+    block_impl: how the DTF block runs (``'auto'``, ``'parts'``, ``'fused'``: its forward pass as
+      Pallas TPU kernels; see ``dtf_jax.layers.dtf.BLOCK_IMPLS``); the same values in each.
     remat: what the backward pass recomputes instead of keeping from the forward pass
       (``dtf_jax.models.common.REMAT_OPTIONS``): ``'none'``, ``'block'`` (each bottleneck) or
       ``'dtf'`` (each temporal module). Same values, gradients and variable names in each.
@@ -93,6 +97,7 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
   fa_impl: str = 'auto'
   spectral_impl: str = 'auto'
+  block_impl: str = 'auto'
   remat: str = 'none'
 
   @nn.compact
@@ -135,6 +140,7 @@ class ResNet(nn.Module):
             dtype=self.dtype,
             fa_impl=self.fa_impl,
             spectral_impl=self.spectral_impl,
+            block_impl=self.block_impl,
             remat=self.remat,
             name=f'stage{s + 1}_block{b}')(x, train)
         index += 1

@@ -110,6 +110,7 @@ class SwinBlock(nn.Module):
   dtype: Any
   fa_impl: str = 'auto'
   spectral_impl: str = 'auto'
+  block_impl: str = 'auto'
   remat: str = 'none'  # 'dtf': the temporal module is rematerialised (see SwinTransformer)
 
   @nn.compact
@@ -131,7 +132,8 @@ class SwinBlock(nn.Module):
     x = x + drop_path(y, train)
 
     temporal = make_temporal_remat(self.temporal, self.remat, dtype=self.dtype, name='temporal',
-                                   fa_impl=self.fa_impl, spectral_impl=self.spectral_impl)
+                                   fa_impl=self.fa_impl, spectral_impl=self.spectral_impl,
+                                   block_impl=self.block_impl)
     if temporal is not None:
       x = einops.rearrange(x, '(b t) h w c -> b t h w c', t=self.clip_steps)
       x = einops.rearrange(temporal(x, train), 'b t h w c -> (b t) h w c')
@@ -181,6 +183,8 @@ class SwinTransformer(nn.Module):
       ``'xla'``, ``'pallas'``; see ``dtf_jax.layers.aggregation``); the same values in each.
     spectral_impl: implementation of the DTF block's time DFTs (``'auto'``, ``'direct'``,
       ``'matmul'``, ``'fft'``; see ``dtf_jax.layers.spectral``); the same values in each.
+    block_impl: how the DTF block runs (``'auto'``, ``'parts'``, ``'fused'``: its forward pass as
+      Pallas TPU kernels; see ``dtf_jax.layers.dtf.BLOCK_IMPLS``); the same values in each.
     remat: what the backward pass recomputes instead of keeping from the forward pass
       (``dtf_jax.models.common.REMAT_OPTIONS``): ``'none'``, ``'block'`` (each Swin block) or
       ``'dtf'`` (each temporal module). Same values, gradients and variable names in each.
@@ -202,6 +206,7 @@ class SwinTransformer(nn.Module):
   dtype: Any = jnp.float32
   fa_impl: str = 'auto'
   spectral_impl: str = 'auto'
+  block_impl: str = 'auto'
   remat: str = 'none'
 
   def check_image_size(self):
@@ -261,7 +266,7 @@ class SwinTransformer(nn.Module):
                   temporal=self.temporal if shift == 0 else 'none',
                   mlp_ratio=self.mlp_ratio, drop_path_rate=float(rates[index]),
                   dtype=self.dtype, fa_impl=self.fa_impl, spectral_impl=self.spectral_impl,
-                  remat=self.remat,
+                  block_impl=self.block_impl, remat=self.remat,
                   name=f'stage{s + 1}_block{b}')(x, train)
         index += 1
       if s < len(self.depths) - 1:

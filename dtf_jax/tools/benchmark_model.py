@@ -41,6 +41,7 @@ import optax
 
 from dtf_jax import errors, tpu_target
 from dtf_jax.layers.aggregation import FA_IMPLS
+from dtf_jax.layers.dtf import BLOCK_IMPLS
 from dtf_jax.models import REMAT_OPTIONS, create_model, list_models, model_arguments, size_kwargs
 from dtf_jax.tools.model_info import int_at_least, lower_forward, lower_train_step, target_mesh, \
     tpu_target_arg, usage_error
@@ -87,6 +88,9 @@ def parse_args(argv=None):
                       help="the DTF block's frame-wise aggregation implementation(s) of --model: "
                            f"one of {', '.join(FA_IMPLS)}, or several separated by commas, each "
                            'timed as its own model against --compare (default auto: per backend).')
+  parser.add_argument('--block-impl', choices=BLOCK_IMPLS, default='auto',
+                      help="how the DTF block runs: parts, fused (its forward pass as Pallas TPU "
+                           'kernels) or auto (default: fused on TPU).')
   parser.add_argument('--remat', choices=REMAT_OPTIONS, default='none',
                       help='what the backward pass recomputes (default none).')
   parser.add_argument('--peak-tflops', type=float,
@@ -144,7 +148,8 @@ class ModelTimer:
 
   def __init__(self, name: str, args, fa_impl: str = 'auto', label: str = None):
     self.name = label or name
-    options = {k: v for k, v in (('fa_impl', fa_impl), ('remat', args.remat))
+    options = {k: v for k, v in (('fa_impl', fa_impl), ('remat', args.remat),
+                                 ('block_impl', args.block_impl))
                if k in model_arguments(name)}
     self.model = create_model(name, num_classes=args.num_classes, clip_length=args.clip_length,
                               dtype=jnp.dtype(args.dtype), **size_kwargs(name, args.size),
@@ -216,7 +221,8 @@ def compile_for_target(args, specs):
         f'(XLA\'s plan, nothing runs)', flush=True)
   results = {}
   for name, impl, label in specs:
-    options = {'fa_impl': impl} if 'fa_impl' in model_arguments(name) else {}
+    options = {k: v for k, v in (('fa_impl', impl), ('block_impl', args.block_impl))
+               if k in model_arguments(name)}
     try:
       model = create_model(name, num_classes=args.num_classes, clip_length=args.clip_length,
                            dtype=jnp.dtype(args.dtype), remat=args.remat,
