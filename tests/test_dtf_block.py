@@ -182,17 +182,23 @@ def test_fused_block_matches_numpy_reference(rows, monkeypatch):
 
 
 def test_fused_block_row_tiles_fit_the_vmem_budget(monkeypatch):
-  """``tile_rows``: the whole clip where it fits, else the largest even divisor of H whose
-  double-buffered tiles (with the 2 rows below, and their VMEM copy) fit; 0 where none does."""
+  """``tile_rows``: the whole clip where its blocks, the weights and a row step's temporaries fit
+  the VMEM budget (from the chip that programs are compiled for), else the largest even divisor
+  of H whose tiles (with the 2 rows below, and their VMEM copy) fit; 0 where none does."""
   monkeypatch.setattr(tpu_target, '_DESCRIBED', [])  # no TPU target: v4's 16 MiB, less 4
-  budget = dtf_pallas.vmem_budget()
-  assert budget == 12 * 2 ** 20
+  assert dtf_pallas.vmem_budget() == 12 * 2 ** 20
   assert dtf_pallas.tile_rows((4, 4, 28, 28, 128), 2, 3, 0) == 28  # DTF-R50 stage 2: whole
+  assert dtf_pallas.tile_rows((4, 16, 56, 56, 128), 2, 3, 0) == 0  # DTF-Swin-B stage 1
+  monkeypatch.setattr(tpu_target, '_DESCRIBED', [tpu_target.parse_target('v5e:2x2')])
+  budget = dtf_pallas.vmem_budget()
+  assert budget == 60 * 2 ** 20  # half of v5e's 128 MiB, less 4
+  shape = (4, 16, 56, 56, 128)
+  temporaries = dtf_pallas.row_temporaries(shape, 3)
   row_in, row_out = 16 * 64 * 128 * 2, 16 * 56 * 128 * 2  # T = 16 rows of 58 / 56 columns
-  rows = dtf_pallas.tile_rows((4, 16, 56, 56, 128), 2, 3, 0)  # DTF-Swin stage 1
+  rows = dtf_pallas.tile_rows(shape, 2, 3, 0)
   assert 0 < rows < 56 and 56 % rows == 0 and rows % 2 == 0
-  assert 2 * 58 * row_in + 2 * 56 * row_out > budget  # the whole clip does not fit
-  assert (3 * (rows + 2) + 2) * row_in + 2 * rows * row_out <= budget
+  assert 2 * 58 * row_in + 2 * 56 * row_out + temporaries > budget  # the whole clip does not fit
+  assert (3 * (rows + 2) + 2) * row_in + 2 * rows * row_out + temporaries <= budget
   assert dtf_pallas.tile_rows((4, 16, 14, 14, 512), 2, 3, budget) == 0  # weights fill VMEM
   assert not dtf_pallas.supported((4, 16, 14, 14, 512), jnp.bfloat16, 3, 16)  # DTF-Swin stage 3
 

@@ -35,9 +35,11 @@ their bytes/s 240-fold (v5e).
 
 VMEM: the kernels ask for half the chip's (``tpu_target.compile_chip``: the TPU that programs are
 compiled for), at least 16 MiB, and hold every weight whole; a clip whose smallest row tile does
-not fit beside the weights is not taken (:func:`supported`; the block then runs its parts): in
-DTF-R50 at 16 frames and DTF-Swin-B's first two stages at 64 frames every block fits, DTF-Swin-B's
-stages 3 and 4 (estimators of 4.8M and 19M parameters at T = 16) do not.
+not fit beside the weights and a row step's temporaries is not taken (:func:`supported`; the
+block then runs its parts). On v5e every DTF-R50 block at 16 frames fits forward and backward,
+and DTF-Swin-B's stage 1 at 64 frames (stage 2 forward only); its stages 3 and 4 (estimators of
+4.8M and 19M parameters at T = 16) do not. The estimate of what a kernel holds was checked
+against the compiler (v5e and v4) on those shapes.
 
 Shapes: ``x: B T H W C``; ``kernel: T (C + K2) O`` with ``O = 2 F C / G``, ``F = T // 2 + 1``;
 ``mix: 2 C C`` (real, imaginary; ``C_in C_out``).
@@ -68,8 +70,8 @@ def vmem_limit() -> int:
 
 
 def vmem_budget() -> int:
-  """VMEM for a program's blocks and weights: the limit less 4 MiB for the row loop's
-  temporaries."""
+  """VMEM for a program's blocks, weights and a row step's temporaries: the limit less 4 MiB for
+  what the compiler adds."""
   return vmem_limit() - 4 * MIB
 
 
@@ -354,14 +356,29 @@ def _grad_kernel(*refs, kernel_size, time, rows, width, channels, dtype, tiled):
   below_ref[...] = acc_ref[:, rows + p:rows + 2 * p, pl.ds(p, width), :]
 
 
+def row_temporaries(shape, kernel_size: int, backward: bool = False) -> int:
+  """VMEM bytes of the values live in one row's step (float32, TPU-tiled): the frames, their
+  ``K2`` neighbours and the aggregate, the spectrum, filter and modulated spectrum per bin, the
+  per-location logits and weights (``W 1``, a whole 128-lane tile each); the gradient's step
+  about as much again."""
+  _, time, _, width, channels = shape
+  k2, bins = kernel_size ** 2, time // 2 + 1
+  rows8 = -(-width // 8) * 8
+  full, narrow = rows8 * (-(-channels // 128) * 128) * 4, rows8 * 128 * 4
+  maps, logits = time * (k2 + 2) + 6 * bins + 4, 2 * time * k2
+  if backward:
+    maps, logits = 2 * maps + k2, 2 * logits
+  return maps * full + logits * narrow
+
+
 def tile_rows(shape, itemsize: int, kernel_size: int, weights: int,
               backward: bool = False) -> int:
   """Rows per program (a divisor of ``H``): the whole clip when its blocks fit
-  :func:`vmem_budget` beside ``weights`` bytes of weights, else the largest multiple of ``2p``
-  whose blocks do (with the ``2p`` rows below and a VMEM copy of both); 0 if none does. Clip
-  blocks are double-buffered and TPU-tiled ((8, 128), sublanes of 16 for 2-byte types); the
-  ``backward`` kernel also holds the output's cotangent, the input's gradient and a float32
-  accumulator of it."""
+  :func:`vmem_budget` beside ``weights`` bytes of weights and a row step's temporaries
+  (:func:`row_temporaries`), else the largest multiple of ``2p`` whose blocks do (with the
+  ``2p`` rows below and a VMEM copy of both); 0 if none does. Clip blocks are double-buffered and
+  TPU-tiled ((8, 128), sublanes of 16 for 2-byte types); the ``backward`` kernel also holds the
+  output's cotangent, the input's gradient and a float32 accumulator of it."""
   _, time, height, width, channels = shape
   p = kernel_size // 2
   lanes = -(-channels // 128) * 128
@@ -369,7 +386,7 @@ def tile_rows(shape, itemsize: int, kernel_size: int, weights: int,
   row_in = time * (-(-(width + 2 * p) // sub) * sub) * lanes * itemsize
   row_out = time * (-(-width // sub) * sub) * lanes * itemsize
   row_acc = time * (-(-(width + 2 * p) // 8) * 8) * lanes * 4
-  budget = vmem_budget() - weights
+  budget = vmem_budget() - weights - row_temporaries(shape, kernel_size, backward)
 
   def need(r, tiled):
     rows_in = (3 * (r + 2 * p) + 2 * p) if tiled else 2 * (r + 2 * p)
@@ -415,7 +432,7 @@ def _call(kind, padded, tile_inputs, weights, *, kernel_size, dtype, shape, inte
   p = kernel_size // 2
   wp = padded.shape[3]
   backward = kind.startswith('grad')
-  held = sum(w.size * w.dtype.itemsize for w in weights)
+  held = 2 * sum(w.size * w.dtype.itemsize for w in weights)  # as weight_bytes counts them
   if kind == 'grad':  # the weights' gradients, float32, double-buffered
     held += 2 * 4 * (weights[0].size + weights[1].size + weights[3].size)
   rows = tile_rows(shape, padded.dtype.itemsize, kernel_size, held, backward)
@@ -504,12 +521,13 @@ def _operands(x, kernel, kernel_size, group_factor):
 
 def weight_bytes(shape, kernel_size: int, group_factor: int, backward: bool = False) -> int:
   """VMEM bytes of the weights that a kernel holds for a clip of ``shape`` (``B T H W C``), and
-  (``backward``) of their gradients, double-buffered."""
+  (``backward``) of their gradients, double-buffered (float32)."""
   _, time, _, _, channels = shape
   bins = time // 2 + 1
   out = channels * bins * 2 // group_factor
   estimator, mixing = time * (channels + kernel_size ** 2) * out, 2 * channels * channels
-  total = 4 * (estimator + 2 * bins * out * channels + mixing + 8 * channels)
+  # Counted twice: the compiler may double-buffer them although their block never changes.
+  total = 2 * 4 * (estimator + 2 * bins * out * channels + mixing + 8 * channels)
   return total + (8 * (estimator + mixing) if backward else 0)
 
 
