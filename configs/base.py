@@ -60,8 +60,8 @@ def get_base_config(dataset: str = 'k400') -> ml_collections.ConfigDict:
                                    # 'auto' (per platform; dtf_jax/layers/aggregation.py)
   c.model.spectral_impl = 'auto'   # DTF time DFTs: 'direct', 'matmul', 'fft' or 'auto' (per
                                    # platform and clip steps; dtf_jax/layers/spectral.py)
-  c.model.block_impl = 'auto'      # the whole DTF block: 'parts' (the two above), 'fused' (its
-                                   # forward pass as Pallas TPU kernels) or 'auto' (fused on TPU;
+  c.model.block_impl = 'auto'      # the whole DTF block: 'parts' (the two above), 'fused' (Pallas
+                                   # TPU kernels, forward and backward) or 'auto' (fused on TPU;
                                    # dtf_jax/layers/dtf.py)
   # Any other create_model argument may be added by a config (e.g. early_stride, width).
   c.compute_dtype = 'bfloat16'     # activations; parameters and optimizer state stay float32

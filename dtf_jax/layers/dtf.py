@@ -228,9 +228,9 @@ class DTFBlock(nn.Module):
     spectral_impl: implementation of the time DFTs, one of
       ``dtf_jax.layers.spectral.SPECTRAL_IMPLS`` (same values; ``'auto'`` picks per platform).
     block_impl: how the whole block runs, one of :data:`BLOCK_IMPLS` (``'auto'`` picks per
-      platform): ``'parts'`` (``fa_impl``, ``spectral_impl`` and XLA) or ``'fused'`` (the
-      forward pass as Pallas TPU kernels where the block's shapes allow and the block is the full
-      one, its gradient that of ``'parts'``; see :data:`BLOCK_IMPLS`).
+      platform): ``'parts'`` (``fa_impl``, ``spectral_impl`` and XLA) or ``'fused'`` (Pallas TPU
+      kernels, forward and backward, where the block's shapes fit VMEM and the block is the full
+      one; see :data:`BLOCK_IMPLS`).
     aggregation: apply the frame-wise aggregation; if False the spectrum and the estimator's
       features are those of the block input.
     correlation: feed the correlation map to the filter estimator (its kernel then has

@@ -183,8 +183,8 @@ class SwinTransformer(nn.Module):
       ``'xla'``, ``'pallas'``; see ``dtf_jax.layers.aggregation``); the same values in each.
     spectral_impl: implementation of the DTF block's time DFTs (``'auto'``, ``'direct'``,
       ``'matmul'``, ``'fft'``; see ``dtf_jax.layers.spectral``); the same values in each.
-    block_impl: how the DTF block runs (``'auto'``, ``'parts'``, ``'fused'``: its forward pass as
-      Pallas TPU kernels; see ``dtf_jax.layers.dtf.BLOCK_IMPLS``); the same values in each.
+    block_impl: how the DTF block runs (``'auto'``, ``'parts'``, ``'fused'``: Pallas TPU kernels,
+      forward and backward; see ``dtf_jax.layers.dtf.BLOCK_IMPLS``); the same values in each.
     remat: what the backward pass recomputes instead of keeping from the forward pass
       (``dtf_jax.models.common.REMAT_OPTIONS``): ``'none'``, ``'block'`` (each Swin block) or
       ``'dtf'`` (each temporal module). Same values, gradients and variable names in each.

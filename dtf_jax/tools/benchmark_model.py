@@ -89,8 +89,8 @@ def parse_args(argv=None):
                            f"one of {', '.join(FA_IMPLS)}, or several separated by commas, each "
                            'timed as its own model against --compare (default auto: per backend).')
   parser.add_argument('--block-impl', choices=BLOCK_IMPLS, default='auto',
-                      help="how the DTF block runs: parts, fused (its forward pass as Pallas TPU "
-                           'kernels) or auto (default: fused on TPU).')
+                      help="how the DTF block runs: parts, fused (Pallas TPU kernels, forward and "
+                           'backward) or auto (default: fused on TPU).')
   parser.add_argument('--remat', choices=REMAT_OPTIONS, default='none',
                       help='what the backward pass recomputes (default none).')
   parser.add_argument('--peak-tflops', type=float,
