@@ -144,8 +144,9 @@ def test_fused_block_matches_numpy_reference(rows, monkeypatch):
   equal the NumPy reference (G = 2: every bin and part its own estimator channel); the gradient
   of a training step (the backward kernels; the tiles' rows above and below added across tiles)
   equals that of ``'parts'`` in the input and every parameter."""
-  if rows:
+  if rows:  # and the filter expanded in 2 channel blocks of 4 (estimator windows 0, 12)
     monkeypatch.setattr(dtf_pallas, 'tile_rows', lambda *args: rows)
+    monkeypatch.setattr(dtf_pallas, 'LANES', 4)
   x = _random_input((2, 4, 4, 5, 8), seed=7)  # T = 4: a Nyquist bin
   block = DTFBlock(block_impl='fused', group_factor=2)
   variables = _random_variables(block, x, seed=8)
@@ -181,6 +182,33 @@ def test_fused_block_matches_numpy_reference(rows, monkeypatch):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5 * scale, rtol=1e-4)
 
 
+@pytest.mark.parametrize('channels,time,group_factor,lanes', [
+    (512, 16, 16, 128), (1024, 16, 16, 128), (512, 4, 16, 128), (64, 4, 16, 128), (8, 4, 2, 4),
+    (24, 8, 4, 8)])
+def test_expansion_blocks_hold_the_dense_expansion(channels, time, group_factor, lanes):
+  """``expansion_blocks``: each channel block's matrix placed at its window gives back the dense
+  0/1 expansion (the official in-place repetition), windows aligned and inside the padded output;
+  where whole blocks would not be smaller (few bins) one block holds all channels."""
+  bins = time // 2 + 1
+  blocks, starts, padded_out = dtf_pallas.expansion_blocks(channels, bins, group_factor, lanes)
+  out = channels * bins * 2 // group_factor
+  dense = np.zeros((2 * bins, padded_out, channels))
+  for f in range(bins):
+    for r in range(2):
+      for c in range(channels):
+        dense[2 * f + r, (c * 2 * bins + 2 * f + r) // group_factor, c] = 1
+  nb, _, width, cb = blocks.shape
+  assert nb * cb == channels and padded_out % lanes == 0 and padded_out >= out
+  rebuilt = np.zeros_like(dense)
+  for b, start in enumerate(starts):
+    assert start % lanes == 0 and start + width <= padded_out
+    rebuilt[:, start:start + width, b * cb:(b + 1) * cb] += blocks[b]
+  np.testing.assert_array_equal(rebuilt, dense)
+  assert nb == (1 if width >= padded_out else channels // lanes)
+  if (channels, time) == (1024, 16):  # DTF-Swin-B stage 4: 8 blocks of 18 x 256 x 128
+    assert blocks.shape == (8, 18, 256, 128) and padded_out == 1152
+
+
 def test_fused_block_row_tiles_fit_the_vmem_budget(monkeypatch):
   """``tile_rows``: the whole clip where its blocks, the weights and a row step's temporaries fit
   the VMEM budget (from the chip that programs are compiled for), else the largest even divisor
@@ -200,7 +228,15 @@ def test_fused_block_row_tiles_fit_the_vmem_budget(monkeypatch):
   assert 2 * 58 * row_in + 2 * 56 * row_out + temporaries > budget  # the whole clip does not fit
   assert (3 * (rows + 2) + 2) * row_in + 2 * rows * row_out + temporaries <= budget
   assert dtf_pallas.tile_rows((4, 16, 14, 14, 512), 2, 3, budget) == 0  # weights fill VMEM
-  assert not dtf_pallas.supported((4, 16, 14, 14, 512), jnp.bfloat16, 3, 16)  # DTF-Swin stage 3
+  # DTF-Swin-B at 64 frames, one clip per chip: stage 3's estimator (4.8M parameters) fits as
+  # bfloat16 with the expansion in channel blocks, forward only; stage 4's (19M) does not.
+  stage3, stage4 = (1, 16, 14, 14, 512), (1, 16, 7, 7, 1024)
+  assert dtf_pallas.supported(stage3, jnp.bfloat16, 3, 16)
+  assert not dtf_pallas.supported(stage3, jnp.bfloat16, 3, 16, backward=True)
+  assert not dtf_pallas.supported(stage4, jnp.bfloat16, 3, 16)
+  assert dtf_pallas.weight_bytes(stage3, jnp.bfloat16, 3, 16) == (
+      2 * 16 * 512 * 640 + 2 * 4 * 18 * 256 * 128  # features and expansion blocks, bfloat16
+      + 4 * (16 * 16 * 640 + 2 * 512 * 512 + 8 * 512))  # correlation rows (9 -> 16), mixing
 
 
 def test_frame_ops_match_definition():

@@ -63,8 +63,9 @@ MIB = 2 ** 20
 
 def vmem_limit() -> int:
   """The scoped VMEM that the kernels ask for: half the chip's that programs are compiled for
-  (``tpu_target.compile_chip``), at least the compiler's default 16 MiB (all of v4's; also where
-  the chip is unknown, as when the CPU interprets the kernels)."""
+  (``tpu_target.compile_chip``; XLA keeps some of the rest for its own buffers), at least the
+  compiler's default 16 MiB (all of v4's; also where the chip is unknown, as when the CPU
+  interprets the kernels)."""
   chip = tpu_target.compile_chip()
   return max(16 * MIB, chip.vmem_bytes // 2 if chip else 0)
 
@@ -73,6 +74,9 @@ def vmem_budget() -> int:
   """VMEM for a program's blocks, weights and a row step's temporaries: the limit less 4 MiB for
   what the compiler adds."""
   return vmem_limit() - 4 * MIB
+
+
+LANES = 128  # a TPU vector register's lanes: the expansion's channel blocks and windows
 
 
 def expansion_matrices(channels: int, bins: int, group_factor: int):
@@ -88,12 +92,56 @@ def expansion_matrices(channels: int, bins: int, group_factor: int):
   return matrices
 
 
+@functools.lru_cache(maxsize=None)
+def expansion_blocks(channels: int, bins: int, group_factor: int, lanes: int = LANES):
+  """The nonzero blocks of :func:`expansion_matrices`: ``(E, starts, padded_out)``.
+
+  Channel block ``b`` (``lanes`` channels; all ``C`` where ``C`` is not a multiple of ``lanes``)
+  reads only the estimator outputs in a ``lanes``-aligned window ``starts[b] ..
+  starts[b] + width``, so ``E: nb 2F width cb`` (0/1) holds each block's part of the dense
+  matrix, and ``filter[..., block b] = g[..., window b] @ E[b]`` with ``g`` zero-padded to
+  ``padded_out`` columns. For DTF-Swin-B's stage 4 (``C`` 1024, ``T`` 16) this is 8 blocks of
+  ``18 x 256 x 128`` instead of ``18 x 1152 x 1024``."""
+  out = channels * bins * 2 // group_factor
+  padded_out = -(-out // lanes) * lanes
+  parts = np.arange(2 * bins)
+
+  def windows(block):
+    firsts = [(b * block * 2 * bins) // group_factor for b in range(channels // block)]
+    lasts = [((b + 1) * block * 2 * bins - 1) // group_factor for b in range(channels // block)]
+    width = -(-max(last + 1 - first // lanes * lanes for first, last in zip(firsts, lasts))
+              // lanes) * lanes
+    # Aligned starts at or below each block's first output, the window inside padded_out.
+    return [min(first // lanes * lanes, padded_out - width) for first in firsts], width
+  block = lanes if channels % lanes == 0 else channels
+  starts, width = windows(block)
+  if width >= padded_out:  # no smaller than the dense matrix (few bins): one block
+    block = channels
+    starts, width = windows(block)
+  matrices = np.zeros((len(starts), 2 * bins, width, block), np.float32)
+  for b, start in enumerate(starts):
+    c = b * block + np.arange(block)
+    rows = (c[None, :] * 2 * bins + parts[:, None]) // group_factor - start  # 2F cb
+    matrices[b, parts[:, None], rows, np.arange(block)[None, :]] = 1.0
+  return matrices, tuple(starts), padded_out
+
+
+def _expanded(g, expand_ref, part, starts):
+  """The filter's part ``part`` (``2f + r``) from the estimator output ``g: W padded_out``:
+  ``W C``, channel block by channel block (exact: one 1 per column of ``E``, and ``g`` holds
+  values of ``E``'s dtype)."""
+  width = expand_ref.shape[2]
+  blocks = [_dot(g[:, s:s + width].astype(expand_ref.dtype), expand_ref[b, part])
+            for b, s in enumerate(starts)]
+  return blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=-1)
+
+
 class _Row:
   """What the forward pass computes for one row of a clip (lists over frames ``t``, neighbours
   ``k`` and bins ``f``; maps ``W C`` and per-location values ``W 1``, float32)."""
 
   def __init__(self, padded_ref, kx_ref, kc_ref, expand_ref, h, *, kernel_size, time, width,
-               channels, dtype):
+               channels, dtype, starts):
     p = kernel_size // 2
     bins = time // 2 + 1
     self.frames = [padded_ref[t, p + h, pl.ds(p, width), :].astype(jnp.float32)
@@ -141,16 +189,21 @@ class _Row:
                                         for t in range(time)])
       s_im = functools.reduce(jnp.add, [self.aggregated[t] * float(minus_sin[t, f])
                                         for t in range(time)])
-      f_re = _dot(self.g, expand_ref[2 * f])
-      f_im = _dot(self.g, expand_ref[2 * f + 1])
+      f_re = _expanded(self.g, expand_ref, 2 * f, starts)
+      f_im = _expanded(self.g, expand_ref, 2 * f + 1, starts)
       self.spectrum.append((s_re, s_im))
       self.filter.append((f_re, f_im))
       self.modulated.append((s_re * f_re - s_im * f_im, s_re * f_im + s_im * f_re))
 
 
+def _precision(a):
+  """Float32 operands in full precision (``HIGHEST``); 16-bit ones as they are."""
+  return HIGHEST if a.dtype == jnp.float32 else None
+
+
 def _dot(a, b):
-  """``a @ b`` in float32 (``W K @ K N``)."""
-  return jnp.dot(a, b, precision=HIGHEST, preferred_element_type=jnp.float32)
+  """``a @ b``, accumulated in float32 (``W K @ K N``)."""
+  return jnp.dot(a, b, precision=_precision(a), preferred_element_type=jnp.float32)
 
 
 def _mixed(z_re, z_im, wr, wi):
@@ -179,7 +232,7 @@ def _split(refs, tiled, inputs, outputs):
   return padded_ref, ins, outs, scratch[tiled:]
 
 
-def _moments_kernel(*refs, kernel_size, time, rows, width, channels, dtype, tiled):
+def _moments_kernel(*refs, kernel_size, time, rows, width, channels, dtype, tiled, starts):
   padded_ref, ins, (out_ref,), _ = _split(refs, tiled, 5, 1)
   kx_ref, kc_ref, expand_ref, mix_ref, shift_ref = ins
   wr, wi = mix_ref[0], mix_ref[1]
@@ -188,7 +241,7 @@ def _moments_kernel(*refs, kernel_size, time, rows, width, channels, dtype, tile
   def step(h, sums):
     total, squares = sums
     row = _Row(padded_ref, kx_ref, kc_ref, expand_ref, h, kernel_size=kernel_size, time=time,
-               width=width, channels=channels, dtype=dtype)
+               width=width, channels=channels, dtype=dtype, starts=starts)
     for z_re, z_im in row.modulated:
       for part in _mixed(z_re, z_im, wr, wi):
         part = part - shift
@@ -202,7 +255,7 @@ def _moments_kernel(*refs, kernel_size, time, rows, width, channels, dtype, tile
   out_ref[1:2, :] = squares
 
 
-def _output_kernel(*refs, kernel_size, time, rows, width, channels, dtype, tiled):
+def _output_kernel(*refs, kernel_size, time, rows, width, channels, dtype, tiled, starts):
   padded_ref, ins, (out_ref,), _ = _split(refs, tiled, 5, 1)
   kx_ref, kc_ref, expand_ref, mix_ref, offset_ref = ins
   p = kernel_size // 2
@@ -211,7 +264,8 @@ def _output_kernel(*refs, kernel_size, time, rows, width, channels, dtype, tiled
 
   def step(h, carry):
     spectrum = _Row(padded_ref, kx_ref, kc_ref, expand_ref, h, kernel_size=kernel_size,
-                    time=time, width=width, channels=channels, dtype=dtype).modulated
+                    time=time, width=width, channels=channels, dtype=dtype,
+                    starts=starts).modulated
     for t in range(time):
       # irfft(Z) and irfft(iZ) at t, then the mixing: irfft(Z @ W) = P @ W_re + Q @ W_im.
       p_t = functools.reduce(jnp.add, [z_re * float(real[f, t]) + z_im * float(imag[f, t])
@@ -227,15 +281,31 @@ def _output_kernel(*refs, kernel_size, time, rows, width, channels, dtype, tiled
 
 
 def _dot_nt(a, b):
-  """``a @ b.T`` in float32 (``W K``, ``N K`` -> ``W N``)."""
-  return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=HIGHEST,
+  """``a @ b.T``, accumulated in float32 (``W K``, ``N K`` -> ``W N``)."""
+  return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=_precision(a),
                              preferred_element_type=jnp.float32)
 
 
 def _dot_tn(a, b):
-  """``a.T @ b`` in float32 (``W K``, ``W N`` -> ``K N``): sums over the row's locations."""
-  return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=HIGHEST,
+  """``a.T @ b``, accumulated in float32 (``W K``, ``W N`` -> ``K N``): sums over the row's
+  locations."""
+  return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=_precision(a),
                              preferred_element_type=jnp.float32)
+
+
+def _placed(blocks, starts, columns):
+  """The per-block cotangents ``W width`` of the estimator output's windows (see
+  :func:`expansion_blocks`) summed into ``W columns``."""
+  total = 0.0
+  for piece, start in zip(blocks, starts):
+    rows, width = piece.shape
+    parts = [piece]
+    if start:
+      parts.insert(0, jnp.zeros((rows, start), jnp.float32))
+    if columns - start - width:
+      parts.append(jnp.zeros((rows, columns - start - width), jnp.float32))
+    total = total + (jnp.concatenate(parts, axis=-1) if len(parts) > 1 else piece)
+  return total
 
 
 def _normalised(row, wr, wi, mean, inv_std):
@@ -253,7 +323,7 @@ def _cotangent_spectrum(d_out, time):
           for f in range(real.shape[0])]
 
 
-def _grad_moments_kernel(*refs, kernel_size, time, rows, width, channels, dtype, tiled):
+def _grad_moments_kernel(*refs, kernel_size, time, rows, width, channels, dtype, tiled, starts):
   """Per tile: sums of ``d_out`` (the bias' gradient), of ``u`` and of ``u * n`` (``n`` the
   normalised spectrum; the sum is ``alpha``'s gradient), over bins, parts and locations."""
   padded_ref, ins, (out_ref,), _ = _split(refs, tiled, 6, 1)
@@ -264,7 +334,7 @@ def _grad_moments_kernel(*refs, kernel_size, time, rows, width, channels, dtype,
   def step(h, sums):
     d_out = [dout_ref[t, h].astype(jnp.float32) for t in range(time)]
     row = _Row(padded_ref, kx_ref, kc_ref, expand_ref, h, kernel_size=kernel_size, time=time,
-               width=width, channels=channels, dtype=dtype)
+               width=width, channels=channels, dtype=dtype, starts=starts)
     total = functools.reduce(jnp.add, d_out)
     u_sum, un_sum = 0.0, 0.0
     for (u_re, u_im), (n_re, n_im) in zip(_cotangent_spectrum(d_out, time),
@@ -280,7 +350,7 @@ def _grad_moments_kernel(*refs, kernel_size, time, rows, width, channels, dtype,
     out_ref[i:i + 1, :] = v
 
 
-def _grad_kernel(*refs, kernel_size, time, rows, width, channels, dtype, tiled):
+def _grad_kernel(*refs, kernel_size, time, rows, width, channels, dtype, tiled, starts):
   """Per tile: the gradient in the clip (its rows, and the ``p`` rows above and below that its
   neighbourhoods reach), and the tile's sums of the weights' gradients."""
   p, k2 = kernel_size // 2, kernel_size ** 2
@@ -291,17 +361,21 @@ def _grad_kernel(*refs, kernel_size, time, rows, width, channels, dtype, tiled):
   mean, inv_std, alpha = stats_ref[0:1, :], stats_ref[1:2, :], stats_ref[2:3, :]
   mean_d, mean_dn = stats_ref[3:4, :], stats_ref[4:5, :]  # batch means of dn and dn * n
   (cos, minus_sin), = dft_matrices('rfft', time)
+  block = channels // len(starts)
   acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
-  dkx_ref[...] = jnp.zeros(dkx_ref.shape, jnp.float32)
-  dkc_ref[...] = jnp.zeros(dkc_ref.shape, jnp.float32)
-  dmix_ref[...] = jnp.zeros(dmix_ref.shape, jnp.float32)
+
+  @pl.when((pl.program_id(0) == 0) & (pl.program_id(1) == 0))
+  def _():  # the weights' gradients: one block for the whole grid, summed over its programs
+    dkx_ref[...] = jnp.zeros(dkx_ref.shape, jnp.float32)
+    dkc_ref[...] = jnp.zeros(dkc_ref.shape, jnp.float32)
+    dmix_ref[...] = jnp.zeros(dmix_ref.shape, jnp.float32)
 
   def step(h, carry):
     d_out = [dout_ref[t, h].astype(jnp.float32) for t in range(time)]
     row = _Row(padded_ref, kx_ref, kc_ref, expand_ref, h, kernel_size=kernel_size, time=time,
-               width=width, channels=channels, dtype=dtype)
+               width=width, channels=channels, dtype=dtype, starts=starts)
     d_agg = [0.0] * time  # cotangents of the aggregated frames (the spectrum's input)
-    d_g = 0.0
+    d_blocks = [0.0] * len(starts)  # the estimator output's cotangent, per channel block
     for f, ((u_re, u_im), (n_re, n_im)) in enumerate(zip(
         _cotangent_spectrum(d_out, time), _normalised(row, wr, wi, mean, inv_std))):
       # Batch norm (batch statistics), then the complex mixing.
@@ -316,14 +390,19 @@ def _grad_kernel(*refs, kernel_size, time, rows, width, channels, dtype, tiled):
       (s_re, s_im), (f_re, f_im) = row.spectrum[f], row.filter[f]
       ds_re, ds_im = dz_re * f_re + dz_im * f_im, dz_im * f_re - dz_re * f_im
       df_re, df_im = dz_re * s_re + dz_im * s_im, dz_im * s_re - dz_re * s_im
-      d_g = d_g + _dot_nt(df_re, expand_ref[2 * f]) + _dot_nt(df_im, expand_ref[2 * f + 1])
+      for b in range(len(starts)):
+        cols = slice(b * block, (b + 1) * block)
+        d_blocks[b] = (d_blocks[b] + _dot_nt(df_re[:, cols], expand_ref[b, 2 * f].astype(jnp.float32))
+                       + _dot_nt(df_im[:, cols], expand_ref[b, 2 * f + 1].astype(jnp.float32)))
       for t in range(time):  # the rfft's transpose
         d_agg[t] = d_agg[t] + ds_re * float(cos[t, f]) + ds_im * float(minus_sin[t, f])
-    # Filter estimator.
+    d_g = _placed(d_blocks, starts, kx_ref.shape[-1])
+    # Filter estimator (its matmul in the block's dtype, as forward).
     d_logits = []
+    d_g_low = d_g.astype(kx_ref.dtype)
     for t in range(time):
-      dkx_ref[t] += _dot_tn(row.aggregated[t], d_g)
-      d_agg[t] = d_agg[t] + _dot_nt(d_g, kx_ref[t])
+      dkx_ref[t] += _dot_tn(row.aggregated[t].astype(kx_ref.dtype), d_g_low)
+      d_agg[t] = d_agg[t] + _dot_nt(d_g_low, kx_ref[t])
       d_logits.append([jnp.sum(d_g * kc_ref[t, k:k + 1, :], axis=-1, keepdims=True)
                        for k in range(k2)])
       dkc_ref[t] += jnp.concatenate([jnp.sum(row.logits[t][k] * d_g, axis=0, keepdims=True)
@@ -359,13 +438,15 @@ def _grad_kernel(*refs, kernel_size, time, rows, width, channels, dtype, tiled):
 def row_temporaries(shape, kernel_size: int, backward: bool = False) -> int:
   """VMEM bytes of the values live in one row's step (float32, TPU-tiled): the frames, their
   ``K2`` neighbours and the aggregate, the spectrum, filter and modulated spectrum per bin, the
-  per-location logits and weights (``W 1``, a whole 128-lane tile each); the gradient's step
-  about as much again."""
+  estimator output, the per-location logits and weights (``W 1``, a whole 128-lane tile each);
+  the gradient's step about as much again. The compiler keeps them in VMEM (its register
+  allocator's spill slots) beside the blocks; at 64 frames a DTF-Swin-B stage-3 gradient spills
+  51 MB, beyond this count, which is why that one is left to the parts."""
   _, time, _, width, channels = shape
   k2, bins = kernel_size ** 2, time // 2 + 1
   rows8 = -(-width // 8) * 8
   full, narrow = rows8 * (-(-channels // 128) * 128) * 4, rows8 * 128 * 4
-  maps, logits = time * (k2 + 2) + 6 * bins + 4, 2 * time * k2
+  maps, logits = time * (k2 + 2) + 6 * bins + 6, 2 * time * k2
   if backward:
     maps, logits = 2 * maps + k2, 2 * logits
   return maps * full + logits * narrow
@@ -398,13 +479,14 @@ def tile_rows(shape, itemsize: int, kernel_size: int, weights: int,
   return max(fits, default=0)
 
 
-def _cost(kind, shape, kernel_size, estimator_out, operands, outputs):
+def _cost(kind, shape, kernel_size, weights, operands, outputs):
   """What one kernel computes and moves, for XLA's cost analysis (the FLOP reports)."""
   batch, time, height, width, channels = shape
   k2, bins = kernel_size ** 2, time // 2 + 1
+  estimator_out, window = weights[0].shape[-1], weights[2].shape[2]
   forward = (k2 * channels * (2 * time - 1)  # correlation of every frame, aggregation of T - 1
              + time * (channels + k2) * estimator_out  # filter estimator
-             + 2 * bins * estimator_out * channels  # its expansion (0/1 matmuls)
+             + 2 * bins * window * channels  # its expansion (0/1 matmuls, per channel block)
              + 2 * bins * time * channels + 4 * bins * channels)  # rfft, modulation
   mixing = 4 * bins * channels * channels
   macs = forward + {
@@ -425,16 +507,17 @@ _KERNELS = {'moments': _moments_kernel, 'output': _output_kernel,
             'grad_moments': _grad_moments_kernel, 'grad': _grad_kernel}
 
 
-def _call(kind, padded, tile_inputs, weights, *, kernel_size, dtype, shape, interpret):
+def _call(kind, padded, tile_inputs, weights, *, kernel_size, dtype, shape, starts, interpret):
   """One kernel over the clips of ``padded`` (``B T H+2p W+2p C``), grid ``(B, H / R)``: the
-  ``tile_inputs`` (``B T H W C``) in row tiles, the ``weights`` whole."""
+  ``tile_inputs`` (``B T H W C``) in row tiles, the ``weights`` whole (``kx kc E mix ...``;
+  ``starts``: the expansion's windows, see :func:`expansion_blocks`)."""
   batch, time, height, width, channels = shape
   p = kernel_size // 2
   wp = padded.shape[3]
   backward = kind.startswith('grad')
-  held = 2 * sum(w.size * w.dtype.itemsize for w in weights)  # as weight_bytes counts them
-  if kind == 'grad':  # the weights' gradients, float32, double-buffered
-    held += 2 * 4 * (weights[0].size + weights[1].size + weights[3].size)
+  held = sum(w.size * w.dtype.itemsize for w in weights)  # one buffer each (a whole block)
+  if kind == 'grad':  # the weights' gradients, float32, one block for the grid
+    held += 4 * (weights[0].size + weights[1].size + weights[3].size)
   rows = tile_rows(shape, padded.dtype.itemsize, kernel_size, held, backward)
   if not rows:
     raise ValueError(f'dtf_block_{kind}: no row tile of a {shape} clip fits VMEM')
@@ -463,21 +546,25 @@ def _call(kind, padded, tile_inputs, weights, *, kernel_size, dtype, shape, inte
   elif kind == 'output':
     outputs = [(tile, jax.ShapeDtypeStruct(shape, padded.dtype))]
   else:
-    kx, kc, _, mix = weights[:4]
+    sums = [(whole(w), jax.ShapeDtypeStruct(w.shape, jnp.float32))  # kx kc mix
+            for w in (weights[0], weights[1], weights[3])]
     outputs = [(tile, jax.ShapeDtypeStruct(shape, padded.dtype)),
-               per_tile(time, p, width, channels), per_tile(time, p, width, channels),
-               per_tile(*kx.shape), per_tile(*kc.shape), per_tile(*mix.shape)]
+               per_tile(time, p, width, channels), per_tile(time, p, width, channels), *sums]
     scratch.append(pltpu.VMEM((time, rows + 2 * p, wp, channels), jnp.float32))
   out_specs, out_shapes = zip(*outputs)
   operands = (padded,) + tuple(tile_inputs) + tuple(weights)
   out = pl.pallas_call(
       functools.partial(_KERNELS[kind], kernel_size=kernel_size, time=time, rows=rows,
-                        width=width, channels=channels, dtype=dtype, tiled=tiled),
+                        width=width, channels=channels, dtype=dtype, tiled=tiled,
+                        starts=starts),
       grid=(batch, tiles),
       in_specs=inputs + [tile] * len(tile_inputs) + [whole(w) for w in weights],
       out_specs=list(out_specs), out_shape=list(out_shapes), scratch_shapes=scratch,
-      interpret=interpret, compiler_params=pltpu.CompilerParams(vmem_limit_bytes=vmem_limit()),
-      cost_estimate=_cost(kind, shape, kernel_size, weights[0].shape[-1], operands, out_shapes),
+      interpret=interpret, compiler_params=pltpu.CompilerParams(
+          vmem_limit_bytes=vmem_limit(),
+          # the gradient's programs add to the same weights' gradients: in sequence
+          dimension_semantics=('arbitrary', 'arbitrary') if kind == 'grad' else None),
+      cost_estimate=_cost(kind, shape, kernel_size, weights, operands, out_shapes),
       name=f'dtf_block_{kind}')(*([padded] * len(inputs)), *tile_inputs, *weights)
   return out
 
@@ -508,34 +595,41 @@ def _add_across_tiles(dx, above, below, kernel_size, interpret):
       name='dtf_block_grad_boundaries')(dx, halos)
 
 
-def _operands(x, kernel, kernel_size, group_factor):
-  """``x`` padded in space, the estimator kernel split into features ``T C O`` and correlation
-  ``T K2 O`` (float32), and the expansion matrices ``2F O C``."""
+def _operands(x, kernel, kernel_size, group_factor, dtype):
+  """``x`` padded in space; the weights ``(kx, kc, E)``: the estimator kernel split into features
+  ``T C O'`` (in ``dtype``, as the estimator runs) and correlation ``T K2 O'`` (float32), zero
+  columns added to ``O' = padded_out``, and the expansion blocks ``nb 2F width cb`` (``dtype``;
+  0/1); and the blocks' ``starts`` (see :func:`expansion_blocks`)."""
   _, time, _, _, channels = x.shape
   p = kernel_size // 2
   padded = jnp.pad(x, ((0, 0), (0, 0), (p, p), (p, p), (0, 0)))
-  kernel = kernel.astype(jnp.float32)
-  expand = jnp.asarray(expansion_matrices(channels, time // 2 + 1, group_factor))
-  return padded, kernel[:, :channels], kernel[:, channels:], expand
+  blocks, starts, padded_out = expansion_blocks(channels, time // 2 + 1, group_factor, LANES)
+  kernel = jnp.pad(kernel.astype(jnp.float32),
+                   ((0, 0), (0, 0), (0, padded_out - kernel.shape[-1])))
+  weights = (kernel[:, :channels].astype(dtype), kernel[:, channels:],
+             jnp.asarray(blocks, dtype))
+  return padded, weights, starts
 
 
-def weight_bytes(shape, kernel_size: int, group_factor: int, backward: bool = False) -> int:
-  """VMEM bytes of the weights that a kernel holds for a clip of ``shape`` (``B T H W C``), and
-  (``backward``) of their gradients, double-buffered (float32)."""
+def weight_bytes(shape, dtype, kernel_size: int, group_factor: int,
+                 backward: bool = False) -> int:
+  """VMEM bytes of the weights that a kernel holds for a clip of ``shape`` (``B T H W C``) in
+  ``dtype`` (one buffer each: their block never changes), and (``backward``) of their gradients
+  (float32, one block for the whole grid)."""
   _, time, _, _, channels = shape
-  bins = time // 2 + 1
-  out = channels * bins * 2 // group_factor
-  estimator, mixing = time * (channels + kernel_size ** 2) * out, 2 * channels * channels
-  # Counted twice: the compiler may double-buffer them although their block never changes.
-  total = 2 * 4 * (estimator + 2 * bins * out * channels + mixing + 8 * channels)
-  return total + (8 * (estimator + mixing) if backward else 0)
+  bins, itemsize, k2 = time // 2 + 1, jnp.dtype(dtype).itemsize, kernel_size ** 2
+  blocks, _, padded_out = expansion_blocks(channels, bins, group_factor, LANES)
+  features, correlation = time * channels * padded_out, time * (-(-k2 // 8) * 8) * padded_out
+  mixing = 2 * channels * channels
+  total = (itemsize * (features + blocks.size) + 4 * (correlation + mixing + 8 * channels))
+  return total + (4 * (features + correlation + mixing) if backward else 0)
 
 
 def supported(shape, dtype, kernel_size: int, group_factor: int, backward: bool = False) -> bool:
   """Whether the kernels (forward; ``backward``: its gradient too) take a clip of ``shape``:
   some row tile fits VMEM beside the weights."""
   return all(tile_rows(shape, jnp.dtype(dtype).itemsize, kernel_size,
-                       weight_bytes(shape, kernel_size, group_factor, b), b) > 0
+                       weight_bytes(shape, dtype, kernel_size, group_factor, b), b) > 0
              for b in ((False, True) if backward else (False,)))
 
 
@@ -545,11 +639,11 @@ def spectrum_moments(x, kernel, mix, shift, *, kernel_size: int, group_factor: i
   columns: ``B 2 C`` float32 (``S2 = modulated spectrum @ mix``, before the norm). Under a mesh
   each device runs its part of the batch."""
   def moments(x, kernel, mix, shift):
-    padded, kx, kc, expand = _operands(x, kernel, kernel_size, group_factor)
+    padded, weights, starts = _operands(x, kernel, kernel_size, group_factor, dtype)
     (sums,) = _call('moments', padded, (),
-                    (kx, kc, expand, mix.astype(jnp.float32),
-                     shift.astype(jnp.float32).reshape(1, -1)),
-                    kernel_size=kernel_size, dtype=dtype, shape=x.shape, interpret=interpret)
+                    (*weights, mix.astype(jnp.float32), shift.astype(jnp.float32).reshape(1, -1)),
+                    kernel_size=kernel_size, dtype=dtype, shape=x.shape, starts=starts,
+                    interpret=interpret)
     return (sums.sum(axis=1),)
   return per_batch_shard(moments, 1, x, kernel, mix, shift, replicated=3)[0]
 
@@ -567,10 +661,9 @@ def block_output(x, kernel, mix, mean, var, alpha, bias, *, kernel_size: int, gr
   offset = bias[None] - constant[:, None] * (scale * mean)[None]  # T C
 
   def output(x, kernel, mix, offset):
-    padded, kx, kc, expand = _operands(x, kernel, kernel_size, group_factor)
-    return tuple(_call('output', padded, (), (kx, kc, expand, mix, offset),
-                       kernel_size=kernel_size, dtype=dtype, shape=x.shape,
-                       interpret=interpret))
+    padded, weights, starts = _operands(x, kernel, kernel_size, group_factor, dtype)
+    return tuple(_call('output', padded, (), (*weights, mix, offset), kernel_size=kernel_size,
+                       dtype=dtype, shape=x.shape, starts=starts, interpret=interpret))
   return per_batch_shard(output, 1, x, kernel, mix.astype(jnp.float32) * scale,
                          offset.reshape(time, 1, channels).astype(jnp.float32), replicated=3)[0]
 
@@ -591,9 +684,10 @@ def block_gradient(x, kernel, mix, mean, var, alpha, d_out, *, kernel_size: int,
     return jnp.stack(list(rows) + [jnp.zeros_like(mean)] * (8 - len(rows))).astype(jnp.float32)
 
   def grad_moments(x, d_out, kernel, mix, stats):
-    padded, kx, kc, expand = _operands(x, kernel, kernel_size, group_factor)
-    (sums,) = _call('grad_moments', padded, (d_out,), (kx, kc, expand, mix, stats),
-                    kernel_size=kernel_size, dtype=dtype, shape=x.shape, interpret=interpret)
+    padded, weights, starts = _operands(x, kernel, kernel_size, group_factor, dtype)
+    (sums,) = _call('grad_moments', padded, (d_out,), (*weights, mix, stats),
+                    kernel_size=kernel_size, dtype=dtype, shape=x.shape, starts=starts,
+                    interpret=interpret)
     return (sums.sum(axis=1),)
   mix = mix.astype(jnp.float32)
   sums = per_batch_shard(grad_moments, 1, x, d_out, kernel, mix,
@@ -601,14 +695,14 @@ def block_gradient(x, kernel, mix, mean, var, alpha, d_out, *, kernel_size: int,
   d_bias, u_sum, d_alpha = sums[0], sums[1], sums[2]
 
   def gradient(x, d_out, kernel, mix, stats):
-    padded, kx, kc, expand = _operands(x, kernel, kernel_size, group_factor)
+    padded, weights, starts = _operands(x, kernel, kernel_size, group_factor, dtype)
     dx, above, below, dkx, dkc, dmix = _call(
-        'grad', padded, (d_out,), (kx, kc, expand, mix, stats), kernel_size=kernel_size,
-        dtype=dtype, shape=x.shape, interpret=interpret)
+        'grad', padded, (d_out,), (*weights, mix, stats), kernel_size=kernel_size,
+        dtype=dtype, shape=x.shape, starts=starts, interpret=interpret)
     if above.shape[1] > 1:
       dx = _add_across_tiles(dx, above, below, kernel_size, interpret)
-    d_kernel = jnp.concatenate([dkx.sum(axis=(0, 1)), dkc.sum(axis=(0, 1))], axis=1)
-    return dx, d_kernel[None], dmix.sum(axis=(0, 1))[None]
+    d_kernel = jnp.concatenate([dkx, dkc], axis=1)[..., :kernel.shape[-1]]
+    return dx, d_kernel[None], dmix[None]
   stats = stats_rows(mean, inv_std, alpha, alpha * u_sum / count, alpha * d_alpha / count)
   dx, d_kernel, d_mix = per_batch_shard(gradient, 3, x, d_out, kernel, mix, stats,
                                         replicated=3)
