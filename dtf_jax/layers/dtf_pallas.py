@@ -392,8 +392,8 @@ def _grad_kernel(*refs, kernel_size, time, rows, width, channels, dtype, tiled, 
       df_re, df_im = dz_re * s_re + dz_im * s_im, dz_im * s_re - dz_re * s_im
       for b in range(len(starts)):
         cols = slice(b * block, (b + 1) * block)
-        d_blocks[b] = (d_blocks[b] + _dot_nt(df_re[:, cols], expand_ref[b, 2 * f].astype(jnp.float32))
-                       + _dot_nt(df_im[:, cols], expand_ref[b, 2 * f + 1].astype(jnp.float32)))
+        e_re, e_im = (expand_ref[b, 2 * f + r].astype(jnp.float32) for r in range(2))
+        d_blocks[b] = d_blocks[b] + _dot_nt(df_re[:, cols], e_re) + _dot_nt(df_im[:, cols], e_im)
       for t in range(time):  # the rfft's transpose
         d_agg[t] = d_agg[t] + ds_re * float(cos[t, f]) + ds_im * float(minus_sin[t, f])
     d_g = _placed(d_blocks, starts, kx_ref.shape[-1])
