@@ -32,9 +32,9 @@ import jax
 import jax.numpy as jnp
 
 from dtf_jax.layers.aggregation import COUNTED_SCOPE, frame_correlation, frame_wise_aggregation
-from dtf_jax.layers.norm import RunningStatistics
+from dtf_jax.layers.norm import RunningStatistics, batch_moments
 from dtf_jax.layers.platform import per_platform
-from dtf_jax.layers.spectral import irfft_time, rfft_time
+from dtf_jax.layers.spectral import irfft_time, rfft_time, spectrum_count
 
 # The complex channel mixing runs as a real matmul under this scope (counted as 'dtf_mixing').
 MIXING_SCOPE = 'complex_mixing'
@@ -152,9 +152,7 @@ def _parts(maths: _Maths, train: bool, x, weight, mix, alpha, bias, running_mean
   m_re, m_im = modulate(s_re, s_im, f_re, f_im)
   parts = complex_mixing(m_re, m_im, mix)  # 2 B F H W C
   if train:
-    axes = tuple(range(parts.ndim - 1))
-    mean = jnp.mean(parts, axis=axes)
-    var = jnp.mean(jnp.square(parts - mean), axis=axes)
+    mean, var = batch_moments(parts)
   else:
     mean, var = running_mean, running_var
   parts = (parts - mean) * jax.lax.rsqrt(var + EPSILON)
@@ -175,8 +173,7 @@ def _fused(maths: _Maths, train: bool, fused_backward: bool, interpret: bool, x,
   settings = dict(kernel_size=maths.kernel_size, group_factor=maths.group_factor,
                   dtype=maths.dtype, interpret=interpret)
   if train:
-    batch, time, height, width, _ = x.shape
-    count = 2 * batch * (time // 2 + 1) * height * width
+    count = spectrum_count(x.shape)
     sums = dtf_pallas().spectrum_moments(x, kernel, mix, running_mean, **settings).sum(axis=0)
     shifted_mean = sums[0] / count
     mean = running_mean + shifted_mean
@@ -304,5 +301,5 @@ class DTFBlock(nn.Module):
     else:
       out, mean, var = per_platform(choice, run, *args)
     if train:
-      statistics(channels, (mean, var, 2 * x.shape[0] * bins * x.shape[2] * x.shape[3]))
+      statistics(channels, (mean, var, spectrum_count(x.shape)))
     return out

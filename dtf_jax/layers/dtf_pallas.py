@@ -34,12 +34,17 @@ the block's FLOPs forward and three times backward, a good trade on TPUs, whose 
 their bytes/s 240-fold (v5e).
 
 VMEM: the kernels ask for half the chip's (``tpu_target.compile_chip``: the TPU that programs are
-compiled for), at least 16 MiB, and hold every weight whole; a clip whose smallest row tile does
+compiled for; XLA keeps buffers of its own in the rest), at least 16 MiB, and hold every weight
+whole, once: the estimator's features in the compute dtype (as it runs), the 0/1 filter
+expansion as channel blocks of 128 (:func:`expansion_blocks`), and in the gradient kernel the
+weights' gradients as one float32 block for the whole grid. A clip whose smallest row tile does
 not fit beside the weights and a row step's temporaries is not taken (:func:`supported`; the
-block then runs its parts). On v5e every DTF-R50 block at 16 frames fits forward and backward,
-and DTF-Swin-B's stage 1 at 64 frames (stage 2 forward only); its stages 3 and 4 (estimators of
-4.8M and 19M parameters at T = 16) do not. The estimate of what a kernel holds was checked
-against the compiler (v5e and v4) on those shapes.
+block then runs its parts). On v5e every DTF-R50 block at 16 frames fits forward and backward;
+of DTF-Swin-B at 64 frames (one clip per chip), stages 1 and 2 fit forward and backward, stage 3
+forward only (evaluation), stage 4 (an estimator of 19M parameters) not at all. What a kernel
+holds was checked against the compiler (v5e and v4) on those shapes: beyond the blocks and the
+weights, the register allocator spills a row step's values into VMEM (51 MB for the stage-3
+gradient, which is why it is left to the parts).
 
 Shapes: ``x: B T H W C``; ``kernel: T (C + K2) O`` with ``O = 2 F C / G``, ``F = T // 2 + 1``;
 ``mix: 2 C C`` (real, imaginary; ``C_in C_out``).
@@ -55,7 +60,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from dtf_jax import tpu_target
 from dtf_jax.layers.aggregation_pallas import per_batch_shard
-from dtf_jax.layers.spectral import dft_matrices
+from dtf_jax.layers.spectral import dft_matrices, spectrum_count
 
 HIGHEST = jax.lax.Precision.HIGHEST
 MIB = 2 ** 20
@@ -675,8 +680,7 @@ def block_gradient(x, kernel, mix, mean, var, alpha, d_out, *, kernel_size: int,
   ``(dx, d_kernel, d_mix, d_alpha, d_bias)``. Two kernels: per-tile sums that the batch norm's
   gradient needs (summed over the batch, across devices), then the gradients. The gradient a
   tile gives the ``p`` rows above and below it is added to its neighbour tiles' here."""
-  batch, time, height, width, _ = x.shape
-  count = 2 * batch * (time // 2 + 1) * height * width
+  count = spectrum_count(x.shape)
   inv_std = jax.lax.rsqrt(var + epsilon)
   d_out = d_out.astype(x.dtype)
 

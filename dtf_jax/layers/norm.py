@@ -7,6 +7,13 @@ import jax.numpy as jnp
 from jax import lax
 
 
+def batch_moments(x):
+  """Mean and biased variance per channel (``C``) over every axis of ``x`` but the last."""
+  axes = tuple(range(x.ndim - 1))
+  mean = jnp.mean(x, axis=axes)
+  return mean, jnp.mean(jnp.square(x - mean), axis=axes)
+
+
 def update_running(ra_mean, ra_var, mean, var, count: int, momentum: float):
   """PyTorch's update of running statistics (variables ``C``) by a batch's ``mean`` and biased
   ``var`` over ``count`` values per channel: ``momentum`` weighs the batch, the variance made
@@ -56,9 +63,7 @@ class BatchNorm(nn.Module):
     ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((channels,), jnp.float32))
     xf = x.astype(jnp.float32)
     if train:
-      axes = tuple(range(x.ndim - 1))
-      mean = jnp.mean(xf, axis=axes)
-      var = jnp.mean(jnp.square(xf - mean), axis=axes)
+      mean, var = batch_moments(xf)
       if not self.is_initializing():
         update_running(ra_mean, ra_var, mean, var, xf.size // channels, self.momentum)
     else:

@@ -44,6 +44,13 @@ AUTO_SPECTRAL_IMPL = {'cpu': ('direct', 'direct'), 'gpu': ('direct', 'direct'),
 LONG_TIME = 8
 
 
+def spectrum_count(shape) -> int:
+  """Values per channel that the batch norm of a clip's spectrum pools (``shape``: the clips'
+  ``B T H W C``): the real and imaginary parts of ``T // 2 + 1`` bins at every location."""
+  batch, time, height, width = shape[:4]
+  return 2 * batch * (time // 2 + 1) * height * width
+
+
 def resolve_spectral_impl(impl: str, kind: str, n: int) -> str:
   """``impl`` with ``'auto'`` replaced by the choice for ``kind`` ('cpu', 'gpu', 'tpu') and a
   time axis of ``n`` samples."""
