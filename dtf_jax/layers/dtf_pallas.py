@@ -106,7 +106,8 @@ def expansion_blocks(channels: int, bins: int, group_factor: int, lanes: int = L
   starts[b] + width``, so ``E: nb 2F width cb`` (0/1) holds each block's part of the dense
   matrix, and ``filter[..., block b] = g[..., window b] @ E[b]`` with ``g`` zero-padded to
   ``padded_out`` columns. For DTF-Swin-B's stage 4 (``C`` 1024, ``T`` 16) this is 8 blocks of
-  ``18 x 256 x 128`` instead of ``18 x 1152 x 1024``."""
+  ``18 x 256 x 128`` instead of ``18 x 1152 x 1024``. Where blocks would be no smaller (few bins)
+  ``E`` is the dense matrix: ``1 2F O C``, ``starts = (0,)``, ``padded_out = O``."""
   out = channels * bins * 2 // group_factor
   padded_out = -(-out // lanes) * lanes
   parts = np.arange(2 * bins)
@@ -120,9 +121,8 @@ def expansion_blocks(channels: int, bins: int, group_factor: int, lanes: int = L
     return [min(first // lanes * lanes, padded_out - width) for first in firsts], width
   block = lanes if channels % lanes == 0 else channels
   starts, width = windows(block)
-  if width >= padded_out:  # no smaller than the dense matrix (few bins): one block
-    block = channels
-    starts, width = windows(block)
+  if width >= padded_out:  # no smaller than the dense matrix (few bins): the dense matrix
+    return expansion_matrices(channels, bins, group_factor)[None], (0,), out
   matrices = np.zeros((len(starts), 2 * bins, width, block), np.float32)
   for b, start in enumerate(starts):
     c = b * block + np.arange(block)
