@@ -50,7 +50,7 @@ FILTER_NAME = 'frequency_filter'
 BLOCK_IMPLS = ('auto', 'parts', 'fused')
 # What 'auto' runs per platform. TPU: the compiled programs' bytes accessed (v5e, bfloat16, batch 4
 # per chip): one block at 4x56x56x64 moves 1.13 GB forward and 3.78 GB with its gradient as
-# 'parts', 0.05 and 0.11 GB fused; DTF-R50 / C2D-R50 at 16x224², 1.38 forward and 1.22 per
+# 'parts', 0.05 and 0.11 GB fused; DTF-R50 / C2D-R50 at 16x224², 1.37 forward and 1.20 per
 # train step (5.1 and 3.7 with 'parts').
 AUTO_BLOCK_IMPL = {'cpu': 'parts', 'gpu': 'parts', 'tpu': 'fused'}
 EPSILON = 1e-5  # the spectrum norm's (torch.nn.BatchNorm's default)
