@@ -22,7 +22,7 @@ channel mixing (:class:`_Row`), and only what the kernel is for leaves the chip'
   a second one recomputes the row again and takes every step back: the input's gradient (the
   neighbourhoods' share scattered into a float32 VMEM accumulator of the tile and the ``p`` rows
   above and below it, which a small in-place kernel adds to the neighbouring tiles) and the
-  tile's sums of the weights' gradients.
+  weights' gradients, summed over the programs into one block.
 
 A training step reads the padded clip four times and the output's cotangent twice, and writes
 the output and the input's gradient once each (about 10 passes over the feature map, where the
@@ -357,7 +357,8 @@ def _grad_moments_kernel(*refs, kernel_size, time, rows, width, channels, dtype,
 
 def _grad_kernel(*refs, kernel_size, time, rows, width, channels, dtype, tiled, starts):
   """Per tile: the gradient in the clip (its rows, and the ``p`` rows above and below that its
-  neighbourhoods reach), and the tile's sums of the weights' gradients."""
+  neighbourhoods reach); the tile's share of the weights' gradients is added to one float32 block
+  for the whole grid (its programs run in sequence)."""
   p, k2 = kernel_size // 2, kernel_size ** 2
   padded_ref, ins, outs, (acc_ref,) = _split(refs, tiled, 6, 6)
   dout_ref, kx_ref, kc_ref, expand_ref, mix_ref, stats_ref = ins
